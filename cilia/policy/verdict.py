@@ -87,7 +87,6 @@ def entry_covers(
         for spec in pr.ports:
             if any(r.covers(proto, port) for r in spec.ranges(resolve)):
                 out.append(Contribution(entry, entry.reason, pr.l7, exact=spec.exact))
-                break
     return out
 
 
@@ -129,7 +128,9 @@ def direction_verdict(
             why = f"default-allow ({refs} select {subject.name} for {direction} with enableDefaultDeny: false)"
         else:
             why = f"default-allow (no policy selects {subject.name} for {direction})"
-        return DirectionVerdict(direction, subject.name, True, why, False, False)
+        # Rules that do not enforce still redirect their L7 ports (for visibility), allowing every request.
+        redirect = _redirect_parser(allows)
+        return DirectionVerdict(direction, subject.name, True, why, False, False, redirect)
     if not allows:
         if enforcing:
             why = f"default-deny (endpoint selected by {enforcing[0].ref} for {direction})"
@@ -139,14 +140,18 @@ def direction_verdict(
     return _l7_verdict(direction, subject, allows, l7)
 
 
+def _redirect_parser(allows: list[Contribution]) -> str | None:
+    parsers = {c.parser for c in allows if c.parser is not None}
+    return max(parsers, key=lambda p: PROXY_PRIORITY[p]) if parsers else None
+
+
 def _l7_verdict(
     direction: Direction, subject: Peer, allows: list[Contribution], l7: L7Request | None
 ) -> DirectionVerdict:
     first = allows[0]
-    parsers = {c.parser for c in allows if c.parser is not None}
-    if not parsers:
+    parser = _redirect_parser(allows)
+    if parser is None:
         return DirectionVerdict(direction, subject.name, True, first.reason, True, True)
-    parser = max(parsers, key=lambda p: PROXY_PRIORITY[p])
     if parser == PARSER_HTTP and isinstance(l7, HTTPRequest):
         for c in allows:
             if not c.l7 or c.parser != PARSER_HTTP:
