@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
+from cilia.kvstore.errors import KVError
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -53,6 +55,12 @@ class WatchEvent:
 
 
 LIST_DONE = WatchEvent(EventKind.LIST_DONE)
+
+
+def check_revision(revision: int) -> None:
+    """Compare-and-set takes a revision read from the store, which is always positive."""
+    if revision < 1:
+        raise KVError(f"revision {revision} was never read from the store: use create() for a key that must be absent")
 
 
 class _End:

@@ -126,16 +126,7 @@ class PolicyContext:
         """The rules that select `subject`: pods by endpointSelector, nodes by nodeSelector."""
         if self.options.enforcement == "never":
             return []
-        if subject.kind == "endpoint":
-            ns = subject.namespace or ""
-            return [
-                r
-                for r in self.rules
-                if not r.host and (r.ref.namespace in ("", ns)) and r.subject.selects(subject.labels)
-            ]
-        if subject.kind in ("host", "remote-node") and self.options.host_firewall:
-            return [r for r in self.rules if r.host and r.subject.selects(subject.labels)]
-        return []
+        return [r for r in self.rules if rule_selects(r, subject, self.options)]
 
     def is_subject(self, peer: Peer) -> bool:
         """Whether policy can select this peer at all (only endpoints and nodes have policy)."""
@@ -149,6 +140,20 @@ class PolicyContext:
 
     def named_port_resolver(self, direction: Direction, subject: Peer) -> NamedPortLookup:
         return NamedPortLookup(self.inventory, direction, subject.workload)
+
+
+def rule_selects(rule: CompiledRule, subject: Peer, options: PolicyOptions) -> bool:
+    """Pods are selected by endpointSelector rules of their namespace (or cluster-wide ones); nodes
+    only by nodeSelector rules, and only with the host firewall on."""
+    if subject.kind == "endpoint":
+        return (
+            not rule.host
+            and rule.ref.namespace in ("", subject.namespace or "")
+            and rule.subject.selects(subject.labels)
+        )
+    if subject.kind in ("host", "remote-node") and options.host_firewall:
+        return rule.host and rule.subject.selects(subject.labels)
+    return False
 
 
 @dataclass(frozen=True)
