@@ -33,7 +33,9 @@ class ResourceError(CiliaError):
     def __init__(self, errors: list[PolicyError]) -> None:
         self.errors = errors
         first = errors[0].line() if errors else "invalid input"
-        more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        more = (
+            f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        )
         super().__init__(first + more)
 
     @property

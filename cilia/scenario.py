@@ -27,7 +27,7 @@ from cilia.policy.context import (
 )
 from cilia.policy.inventory import Inventory, ServiceInfo, Workload, parse_named_ports
 from cilia.policy.l4 import PROTO_NUMBERS
-from cilia.policy.l7 import DNSQuery, HTTPRequest, L7Request, PARSER_DNS
+from cilia.policy.l7 import PARSER_DNS, DNSQuery, HTTPRequest, L7Request
 from cilia.policy.repository import PolicyKey, Repository
 from cilia.policy.rules import EGRESS
 from cilia.policy.translate import PolicyResource
@@ -219,7 +219,9 @@ def load_scenario(text: str, origin: str = "<scenario>") -> Scenario:
     manifests: list[list[PolicyResource]] = []
     for i, step in enumerate(spec.steps):
         try:
-            objs = parse_documents(step.apply, kinds=("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"))
+            objs = parse_documents(
+                step.apply, kinds=("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy")
+            )
         except ResourceError as err:
             raise ScenarioError(f"{origin}: steps[{i}] ({step.name}): {err}") from None
         manifests.append(objs)  # type: ignore[arg-type]
@@ -238,7 +240,9 @@ def load_scenario(text: str, origin: str = "<scenario>") -> Scenario:
         except (ValueError, KeyError) as err:
             raise ScenarioError(f"{origin}: pod {key}: ports: {err}") from None
         ip = ipaddress.ip_address(pod.ip) if pod.ip else None
-        workloads.append(Workload(pod.namespace, pod.name, dict(pod.labels), ip, ports, pod.serviceAccount, pod.node))
+        workloads.append(
+            Workload(pod.namespace, pod.name, dict(pod.labels), ip, ports, pod.serviceAccount, pod.node)
+        )
     services = [ServiceInfo(s.namespace, s.name, s.labels, s.selector) for s in spec.services]
     inventory = Inventory(workloads, spec.namespaces, services)
     for i, step in enumerate(spec.steps):
@@ -271,7 +275,9 @@ def evaluate(scenario: Scenario, options: PolicyOptions | None = None) -> list[P
         for d in step.delete:
             key = _delete_key(d)
             if repo.delete(key) is None:
-                raise ScenarioError(f"steps[{i}] ({step.name}): delete: {key[0]} {'/'.join(k for k in key[1:] if k)} not found")
+                raise ScenarioError(
+                    f"steps[{i}] ({step.name}): delete: {key[0]} {'/'.join(k for k in key[1:] if k)} not found"
+                )
         repo.apply(objs)
         ctx = PolicyContext(repo.rules(), inv, options)
         for probe in step.probes:
@@ -317,7 +323,9 @@ def dns_resolves(ctx: PolicyContext, src: Peer, name: str) -> bool:
             if entry.direction != EGRESS or entry.deny or entry.ports is None:
                 continue
             for pr in entry.ports:
-                if pr.parser == PARSER_DNS and any(r.matches(query.name) for r in pr.l7 if hasattr(r, "matches")):
+                if pr.parser == PARSER_DNS and any(
+                    r.matches(query.name) for r in pr.l7 if hasattr(r, "matches")
+                ):
                     return True
     return False
 

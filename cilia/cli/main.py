@@ -29,7 +29,10 @@ class CiliaGroup(click.Group):
         except Exception as err:  # a bug, not bad input: still one line unless asked for more
             if os.environ.get("CILIA_DEBUG"):
                 raise
-            click.echo(f"error: internal error: {type(err).__name__}: {err} (set CILIA_DEBUG=1 for details)", err=True)
+            click.echo(
+                f"error: internal error: {type(err).__name__}: {err} (set CILIA_DEBUG=1 for details)",
+                err=True,
+            )
             sys.exit(2)
 
 

@@ -28,7 +28,9 @@ def policy() -> None:
 
 
 @policy.command("validate")
-@click.option("-f", "--filename", "filename", required=True, help="YAML or JSON file with policies, or - for stdin.")
+@click.option(
+    "-f", "--filename", "filename", required=True, help="YAML or JSON file with policies, or - for stdin."
+)
 def validate_cmd(filename: str) -> None:
     """Check policies the way the policy service would, without applying them.
 
@@ -91,7 +93,9 @@ def print_tables(results: list[ProbeResult], steps: list[str], out: IO[str]) -> 
 @policy.command("matrix")
 @click.argument("scenario", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@click.option("--check", is_flag=True, help="Exit 1, listing each probe whose verdict differs from its `allowed`.")
+@click.option(
+    "--check", is_flag=True, help="Exit 1, listing each probe whose verdict differs from its `allowed`."
+)
 @click.option(
     "--enforcement",
     type=click.Choice(["default", "always", "never"]),

@@ -38,6 +38,7 @@ def _no_deny_fqdn(value: Any) -> Any:
         return value
     raise ValueError("toFQDNs is not allowed in deny rules")
 
+
 ENTITIES = (
     "all",
     "world",

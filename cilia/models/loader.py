@@ -61,7 +61,8 @@ def document_name(doc: Any, index: int) -> str:
     if not isinstance(doc, dict):
         return f"document {index + 1}"
     kind = doc.get("kind") or "document"
-    meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    raw_meta = doc.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     name = meta.get("name")
     if kind == "Identity" and "id" in doc:
         return f"Identity {doc['id']}"
@@ -100,7 +101,9 @@ def parse_document(doc: Any, index: int = 0, kinds: Iterable[str] | None = None)
     return obj
 
 
-def parse_resources(text: str, origin: str = "<input>", kinds: Iterable[str] | None = None) -> list[BaseModel]:
+def parse_resources(
+    text: str, origin: str = "<input>", kinds: Iterable[str] | None = None
+) -> list[BaseModel]:
     """Parse every document of `text`; any invalid document rejects the whole batch."""
     docs = load_documents(text, origin)
     return parse_documents(docs, kinds)
@@ -152,7 +155,9 @@ _TYPE_MESSAGES = {
 
 def _is_union_tag(item: Any) -> bool:
     return isinstance(item, str) and (
-        "[" in item or item in ("int", "str", "bool", "float", "list", "dict", "none") or item.startswith("function-")
+        "[" in item
+        or item in ("int", "str", "bool", "float", "list", "dict", "none")
+        or item.startswith("function-")
     )
 
 

@@ -49,7 +49,9 @@ def validate_rule(rule: Rule, path: str, clusterwide: bool) -> None:
     if rule.endpointSelector is not None and rule.nodeSelector is not None:
         raise PolicyError(path, "rule cannot have both EndpointSelector and NodeSelector")
     if rule.nodeSelector is not None and not clusterwide:
-        raise PolicyError(f"{path}.nodeSelector", "nodeSelector is only allowed in a CiliumClusterwideNetworkPolicy")
+        raise PolicyError(
+            f"{path}.nodeSelector", "nodeSelector is only allowed in a CiliumClusterwideNetworkPolicy"
+        )
     host = rule.nodeSelector is not None
     for i, ing in enumerate(rule.ingress or []):
         _ingress(ing, f"{path}.ingress[{i}]", host)
@@ -182,7 +184,9 @@ def _port_rule(pr: PortRule, path: str, ingress: bool) -> None:
         ppath = f"{path}.ports[{i}]"
         any_zero |= _port_protocol(pp, ppath, has_dns)
         if has_l7 and not has_dns and pp.protocol != "TCP":
-            raise PolicyError(ppath, f"L7 rules can only apply to TCP (not {pp.protocol}) except for DNS rules")
+            raise PolicyError(
+                ppath, f"L7 rules can only apply to TCP (not {pp.protocol}) except for DNS rules"
+            )
     if has_l7 and rules is not None:
         if any_zero:
             raise PolicyError(path, "L7 rules can not be used when a port is 0")
@@ -190,4 +194,3 @@ def _port_rule(pr: PortRule, path: str, ingress: bool) -> None:
             raise PolicyError(f"{path}.rules", "multiple L7 protocol rule types specified in single rule")
         if rules.dns and not ports:
             raise PolicyError(f"{path}.rules.dns", "port 53 must be specified for DNS rules")
-

@@ -44,7 +44,7 @@ class EndpointStatus(Strict):
 
 
 class Endpoint(Strict):
-    apiVersion: Literal["cilia.io/v1"] = API_VERSION
+    apiVersion: Literal["cilia.io/v1"] = "cilia.io/v1"
     kind: Literal["Endpoint"] = "Endpoint"
     metadata: ObjectMeta
     spec: EndpointSpec = Field(default_factory=EndpointSpec)
@@ -52,7 +52,7 @@ class Endpoint(Strict):
 
 
 class Identity(Strict):
-    apiVersion: Literal["cilia.io/v1"] = API_VERSION
+    apiVersion: Literal["cilia.io/v1"] = "cilia.io/v1"
     kind: Literal["Identity"] = "Identity"
     id: int = Field(ge=1)
     labels: list[str]

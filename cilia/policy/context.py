@@ -88,7 +88,9 @@ def world_peer(ip: IPAddress | None = None, names: Iterable[str] = (), identity:
     label = f"{ip}" if ip is not None else "world"
     if names:
         label = f"{next(iter(names))} ({ip})" if ip is not None else next(iter(names))
-    return Peer("world", label, LabelSet([Label(SOURCE_RESERVED, "world")]), identity, net=net, names=tuple(names))
+    return Peer(
+        "world", label, LabelSet([Label(SOURCE_RESERVED, "world")]), identity, net=net, names=tuple(names)
+    )
 
 
 def reserved_peer(name: str) -> Peer:
@@ -130,7 +132,9 @@ class PolicyContext:
 
     def is_subject(self, peer: Peer) -> bool:
         """Whether policy can select this peer at all (only endpoints and nodes have policy)."""
-        return peer.kind == "endpoint" or (peer.kind in ("host", "remote-node") and self.options.host_firewall)
+        return peer.kind == "endpoint" or (
+            peer.kind in ("host", "remote-node") and self.options.host_firewall
+        )
 
     def resolve(self, sel: PeerSelector) -> list[ResolvedSelector]:
         """Turn a `toServices` reference into selectors of its services' backends."""

@@ -112,7 +112,11 @@ class PolicyEngine:
         changed_selectors = self.cache.add(self.ipcache.identities[i] for i in new_ids) if new_ids else set()
         ctx = self.context()
         diffs: dict[SubjectKey, MapStateDiff] = {}
-        affected = {k for k, peer in self.subjects.items() if any(rule_selects(r, peer, self.options) for r in changed)}
+        affected = {
+            k
+            for k, peer in self.subjects.items()
+            if any(rule_selects(r, peer, self.options) for r in changed)
+        }
         for key in affected:
             old = self.policies.get(key)
             old_entries = old.entries if old is not None else {}

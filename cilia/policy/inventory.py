@@ -128,21 +128,35 @@ class Inventory:
 
     def host_labels(self) -> LabelSet:
         """The local host: `reserved:host` plus the node's labels (for `nodeSelector`)."""
-        return LabelSet([Label(SOURCE_RESERVED, "host"), *(Label(SOURCE_K8S, k, v) for k, v in self.node_labels.items())])
+        return LabelSet(
+            [Label(SOURCE_RESERVED, "host"), *(Label(SOURCE_K8S, k, v) for k, v in self.node_labels.items())]
+        )
 
     def remote_node_labels(self) -> LabelSet:
-        return LabelSet([Label(SOURCE_RESERVED, "remote-node"), *(Label(SOURCE_K8S, k, v) for k, v in self.node_labels.items())])
+        return LabelSet(
+            [
+                Label(SOURCE_RESERVED, "remote-node"),
+                *(Label(SOURCE_K8S, k, v) for k, v in self.node_labels.items()),
+            ]
+        )
 
     def egress_named_port(self, name: str, proto: int) -> int | None:
         """Cilium (<= 1.18) resolves egress named ports cluster-wide: one number, or nothing."""
-        ports = {p for w in self.workloads.values() for n, (p, pr) in w.named_ports.items() if n == name and pr == proto and p}
+        ports = {
+            p
+            for w in self.workloads.values()
+            for n, (p, pr) in w.named_ports.items()
+            if n == name and pr == proto and p
+        }
         return ports.pop() if len(ports) == 1 else None
 
 
 def reserved_identities() -> dict[int, LabelSet]:
     """Reserved identities and their labels (kube-apiserver also carries `reserved:remote-node`)."""
     out = {num: reserved_labels(name) for name, num in RESERVED.items()}
-    out[RESERVED["kube-apiserver"]] = LabelSet([*out[RESERVED["kube-apiserver"]], Label(SOURCE_RESERVED, "remote-node")])
+    out[RESERVED["kube-apiserver"]] = LabelSet(
+        [*out[RESERVED["kube-apiserver"]], Label(SOURCE_RESERVED, "remote-node")]
+    )
     return out
 
 

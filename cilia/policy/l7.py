@@ -38,7 +38,9 @@ class HTTPRule:
     header_matches: tuple[HeaderMatch, ...] = ()
 
     def __str__(self) -> str:
-        parts = [f"{k}={v}" for k, v in (("method", self.method), ("path", self.path), ("host", self.host)) if v]
+        parts = [
+            f"{k}={v}" for k, v in (("method", self.method), ("path", self.path), ("host", self.host)) if v
+        ]
         parts += [f"header={h}" for h in self.headers]
         parts += [f"headerMatch={m.name}" for m in self.header_matches]
         return "{" + ", ".join(parts) + "}" if parts else "{}"
@@ -53,7 +55,11 @@ class DNSRule:
         return selector_matches(self.match_name, self.match_pattern, name)
 
     def __str__(self) -> str:
-        return f"matchName: {self.match_name}" if self.match_name is not None else f"matchPattern: {self.match_pattern}"
+        return (
+            f"matchName: {self.match_name}"
+            if self.match_name is not None
+            else f"matchPattern: {self.match_pattern}"
+        )
 
 
 L7Rule = HTTPRule | DNSRule

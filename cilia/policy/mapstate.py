@@ -15,6 +15,7 @@ covering it (deny > redirect > allow).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -178,7 +179,10 @@ class EndpointPolicy:
             return (False, entry.reason, None)
         if entry.parser is None or request is None:
             return (True, entry.reason, entry.parser)
-        return (*l7_allowed(self.l7_filters(direction), direction, identity, proto, port, entry.parser, request), entry.parser)
+        return (
+            *l7_allowed(self.l7_filters(direction), direction, identity, proto, port, entry.parser, request),
+            entry.parser,
+        )
 
 
 def l7_allowed(
@@ -217,7 +221,9 @@ def l7_allowed(
 # --- lookup ------------------------------------------------------------------------------------
 
 
-def _lpm(entries: dict[MapKey, MapEntry], direction: Direction, identity: int, proto: int, port: int) -> tuple[MapEntry, int] | None:
+def _lpm(
+    entries: dict[MapKey, MapEntry], direction: Direction, identity: int, proto: int, port: int
+) -> tuple[MapEntry, int] | None:
     for plen in range(PLEN_FULL, PLEN_PROTO, -1):
         shift = PLEN_FULL - plen
         e = entries.get(MapKey(direction, identity, proto, (port >> shift) << shift, plen))
@@ -230,7 +236,9 @@ def _lpm(entries: dict[MapKey, MapEntry], direction: Direction, identity: int, p
     return (e, 0) if e is not None else None
 
 
-def lookup(entries: dict[MapKey, MapEntry], direction: Direction, identity: int, proto: int, port: int) -> MapEntry | None:
+def lookup(
+    entries: dict[MapKey, MapEntry], direction: Direction, identity: int, proto: int, port: int
+) -> MapEntry | None:
     """The datapath's policy lookup (bpf/lib/policy.h), over a map state."""
     l3 = _lpm(entries, direction, identity, proto, port) if identity != ANY else None
     if l3 is not None and l3[0].deny:
@@ -277,7 +285,9 @@ def lpm_entries(grants: Iterable[Grant]) -> dict[tuple[int, int, int], MapEntry]
     return out
 
 
-def _segments(items: list[tuple[int, int, MapEntry]], base: MapEntry | None) -> list[tuple[int, int, MapEntry | None]]:
+def _segments(
+    items: list[tuple[int, int, MapEntry]], base: MapEntry | None
+) -> list[tuple[int, int, MapEntry | None]]:
     """Split [0, 65535] where coverage changes; each segment gets its strongest entry (or base)."""
     bounds = {0, MAX_PORT + 1}
     for lo, hi, _ in items:
@@ -288,7 +298,7 @@ def _segments(items: list[tuple[int, int, MapEntry]], base: MapEntry | None) -> 
     active: list[tuple[int, int, MapEntry]] = []
     out: list[tuple[int, int, MapEntry | None]] = []
     idx = 0
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         while idx < len(starts) and starts[idx][0] <= a:
             active.append(starts[idx])
             idx += 1
@@ -325,7 +335,15 @@ def _grants_for_entry(
         parser = None if entry.deny else pr.parser
         for spec in pr.ports:
             for rng in spec.ranges(resolve):
-                yield Grant(selectors, entry.wildcard, ids, rng, MapEntry(entry.deny, parser, reason), pr.l7, spec.exact)
+                yield Grant(
+                    selectors,
+                    entry.wildcard,
+                    ids,
+                    rng,
+                    MapEntry(entry.deny, parser, reason),
+                    pr.l7,
+                    spec.exact,
+                )
 
 
 def compute_direction(
@@ -340,7 +358,15 @@ def compute_direction(
     grants: list[Grant] = []
     if mode == "never":
         state = DirectionState(direction, False)
-        state.grants.append(Grant((), True, frozenset(), ALL_PORTS, MapEntry(False, None, "default-allow (policy enforcement is never)")))
+        state.grants.append(
+            Grant(
+                (),
+                True,
+                frozenset(),
+                ALL_PORTS,
+                MapEntry(False, None, "default-allow (policy enforcement is never)"),
+            )
+        )
         _fill(state)
         return state
     for rule in rules:
@@ -351,7 +377,15 @@ def compute_direction(
         grants.append(Grant((), False, frozenset({HOST}), ALL_PORTS, MapEntry(False, None, ALLOW_LOCALHOST)))
     enforced = mode == "always" or any(direction in r.enforces for r in rules)
     if not enforced:
-        grants.append(Grant((), True, frozenset(), ALL_PORTS, MapEntry(False, None, f"default-allow ({direction} not enforced)")))
+        grants.append(
+            Grant(
+                (),
+                True,
+                frozenset(),
+                ALL_PORTS,
+                MapEntry(False, None, f"default-allow ({direction} not enforced)"),
+            )
+        )
     state = DirectionState(direction, enforced, grants)
     _fill(state)
     return state

@@ -80,7 +80,9 @@ class FQDNSelector:
     @property
     def label_key(self) -> str:
         """The key of the `fqdn:` label that identities of matching IPs carry."""
-        return (self.match_name if self.match_name is not None else self.match_pattern or "").lower().rstrip(".")
+        return (
+            (self.match_name if self.match_name is not None else self.match_pattern or "").lower().rstrip(".")
+        )
 
     def __str__(self) -> str:
         if self.match_name is not None:
@@ -97,7 +99,11 @@ class ServiceRef:
     selector: EndpointSelector | None = None
 
     def __str__(self) -> str:
-        return f"service {self.namespace}/{self.name}" if self.name else f"services {self.selector} in {self.namespace}"
+        return (
+            f"service {self.namespace}/{self.name}"
+            if self.name
+            else f"services {self.selector} in {self.namespace}"
+        )
 
 
 PeerSelector = EndpointSelector | CIDRSelector | FQDNSelector | ServiceRef
@@ -127,7 +133,9 @@ class PortSpec:
     @property
     def exact(self) -> bool:
         """A single port (not a range, not port 0): the only kind a DNS redirect is installed on."""
-        return self.name is not None or (self.port != 0 and (self.end_port is None or self.end_port <= self.port))
+        return self.name is not None or (
+            self.port != 0 and (self.end_port is None or self.end_port <= self.port)
+        )
 
     def __str__(self) -> str:
         what = self.name if self.name is not None else str(self.port)

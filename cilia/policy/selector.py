@@ -74,7 +74,7 @@ class EndpointSelector:
                 raise ValueError(f"unknown operator {op!r}")
             source, bare = split_source(key, SOURCE_ANY)
             vals = tuple(sorted(set(values))) if op in ("In", "NotIn") else ()
-            reqs.append(Requirement(source, bare, op, vals))  # type: ignore[arg-type]
+            reqs.append(Requirement(source, bare, op, vals))
         return cls(tuple(sorted(set(reqs))))
 
     @classmethod

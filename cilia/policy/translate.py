@@ -108,10 +108,15 @@ def _has_reserved(sel: EndpointSelector) -> bool:
 
 
 def _mentions_namespace_labels(sel: EndpointSelector) -> bool:
-    return any(r.source in (SOURCE_K8S, SOURCE_ANY) and r.key.startswith(NAMESPACE_LABELS_PREFIX) for r in sel.requirements)
+    return any(
+        r.source in (SOURCE_K8S, SOURCE_ANY) and r.key.startswith(NAMESPACE_LABELS_PREFIX)
+        for r in sel.requirements
+    )
 
 
-def namespaced_peer(sel: EndpointSelector, namespace: str, subject_matches_init: bool = False) -> EndpointSelector:
+def namespaced_peer(
+    sel: EndpointSelector, namespace: str, subject_matches_init: bool = False
+) -> EndpointSelector:
     """Cilium's `getEndpointSelector`: keep a peer selector inside the policy's namespace.
 
     A selector that names the namespace label (any operator), a namespace label
@@ -131,8 +136,12 @@ def namespaced_peer(sel: EndpointSelector, namespace: str, subject_matches_init:
 
 def namespaced_subject(sel: EndpointSelector, namespace: str) -> EndpointSelector:
     """The subject of a namespaced policy always lives in that namespace (other namespace matches dropped)."""
-    kept = tuple(r for r in sel.requirements if not (r.key == POD_NAMESPACE and r.source in (SOURCE_K8S, SOURCE_ANY)))
-    return EndpointSelector(tuple(sorted({*kept, Requirement(SOURCE_K8S, POD_NAMESPACE, "In", (namespace,))})))
+    kept = tuple(
+        r for r in sel.requirements if not (r.key == POD_NAMESPACE and r.source in (SOURCE_K8S, SOURCE_ANY))
+    )
+    return EndpointSelector(
+        tuple(sorted({*kept, Requirement(SOURCE_K8S, POD_NAMESPACE, "In", (namespace,))}))
+    )
 
 
 # --- ports and L7 ------------------------------------------------------------------------------
@@ -234,13 +243,20 @@ def _entry(
     default_deny: bool,
 ) -> RuleEntry:
     if isinstance(rule, cnp.IngressCommonRule):
-        endpoints, cidrs, cidr_sets, entities = rule.fromEndpoints, rule.fromCIDR, rule.fromCIDRSet, rule.fromEntities
+        endpoints, cidrs, cidr_sets, entities = (
+            rule.fromEndpoints,
+            rule.fromCIDR,
+            rule.fromCIDRSet,
+            rule.fromEntities,
+        )
         services = fqdns = None
     else:
         endpoints, cidrs, cidr_sets, entities = rule.toEndpoints, rule.toCIDR, rule.toCIDRSet, rule.toEntities
         services = rule.toServices
         fqdns = rule.toFQDNs if isinstance(rule, cnp.EgressRule) else None
-    peers: list[PeerSelector] = [namespaced_peer(selector_from(es), namespace, subject_init) for es in endpoints or []]
+    peers: list[PeerSelector] = [
+        namespaced_peer(selector_from(es), namespace, subject_init) for es in endpoints or []
+    ]
     peers += _cidr_peers(cidrs, cidr_sets)
     peers += _entity_peers(entities)
     peers += _service_peers(services, namespace)
@@ -265,7 +281,9 @@ def _compile_rule(ref: PolicyRef, path: str, rule: cnp.Rule) -> CompiledRule:
     entries: list[RuleEntry] = []
     enforces: set[Direction] = set()
     has: set[Direction] = set()
-    sections: list[tuple[str, Direction, bool, Sequence[cnp.IngressCommonRule | cnp.EgressCommonRule] | None]] = [
+    sections: list[
+        tuple[str, Direction, bool, Sequence[cnp.IngressCommonRule | cnp.EgressCommonRule] | None]
+    ] = [
         ("ingress", INGRESS, False, rule.ingress),
         ("ingressDeny", INGRESS, True, rule.ingressDeny),
         ("egress", EGRESS, False, rule.egress),
@@ -281,7 +299,9 @@ def _compile_rule(ref: PolicyRef, path: str, rule: cnp.Rule) -> CompiledRule:
             enforces.add(direction)
         for i, item in enumerate(items):
             entries.append(
-                _entry(ref, f"{prefix}{name}[{i}]", direction, deny, item, namespace, subject_init, default_deny)
+                _entry(
+                    ref, f"{prefix}{name}[{i}]", direction, deny, item, namespace, subject_init, default_deny
+                )
             )
     return CompiledRule(ref, path, subject, host, tuple(entries), frozenset(enforces), frozenset(has))
 
@@ -331,7 +351,9 @@ def _compile_netpol(obj: knp.NetworkPolicy) -> CompiledRule:
     types = set(spec.policyTypes or [])
     entries: list[RuleEntry] = []
     enforces: set[Direction] = set()
-    sections: list[tuple[Direction, Sequence[knp.NetworkPolicyIngressRule | knp.NetworkPolicyEgressRule]]] = []
+    sections: list[
+        tuple[Direction, Sequence[knp.NetworkPolicyIngressRule | knp.NetworkPolicyEgressRule]]
+    ] = []
     ingress = list(spec.ingress or [])
     egress = list(spec.egress or [])
     if ingress or "Ingress" in types or "Egress" not in types:

@@ -102,11 +102,17 @@ def direction_verdict(
     """Judge one direction for `subject` (whose policy applies) talking with `peer`."""
     mode = ctx.options.enforcement
     if mode == "never":
-        return DirectionVerdict(direction, subject.name, True, "default-allow (policy enforcement is never)", False, False)
+        return DirectionVerdict(
+            direction, subject.name, True, "default-allow (policy enforcement is never)", False, False
+        )
     rules = ctx.subject_rules(subject)
     for rule in rules:
         for entry in rule.entries:
-            if entry.direction == direction and entry.deny and entry_covers(ctx, entry, subject, peer, proto, port):
+            if (
+                entry.direction == direction
+                and entry.deny
+                and entry_covers(ctx, entry, subject, peer, proto, port)
+            ):
                 return DirectionVerdict(direction, subject.name, False, f"deny: {entry.reason}", True, True)
     allows: list[Contribution] = []
     for rule in rules:
@@ -125,7 +131,9 @@ def direction_verdict(
     if mode != "always" and not enforcing:
         if any(direction in r.has for r in rules):
             refs = ", ".join(sorted({str(r.ref) for r in rules if direction in r.has}))
-            why = f"default-allow ({refs} select {subject.name} for {direction} with enableDefaultDeny: false)"
+            why = (
+                f"default-allow ({refs} select {subject.name} for {direction} with enableDefaultDeny: false)"
+            )
         else:
             why = f"default-allow (no policy selects {subject.name} for {direction})"
         # Rules that do not enforce still redirect their L7 ports (for visibility), allowing every request.
@@ -158,7 +166,9 @@ def _l7_verdict(
                 return DirectionVerdict(direction, subject.name, True, c.reason, True, True, parser)
             for i, rule in enumerate(c.l7):
                 if l7_rule_matches(rule, l7):
-                    return DirectionVerdict(direction, subject.name, True, f"{c.reason} http[{i}]", True, True, parser)
+                    return DirectionVerdict(
+                        direction, subject.name, True, f"{c.reason} http[{i}]", True, True, parser
+                    )
         refs = _refs(c for c in allows if c.parser == PARSER_HTTP)
         why = f"l7-deny: {l7.method} {l7.path} matches no HTTP rule of {refs}"
         return DirectionVerdict(direction, subject.name, False, why, True, True, parser)
@@ -170,7 +180,9 @@ def _l7_verdict(
                 return DirectionVerdict(direction, subject.name, True, c.reason, True, True, parser)
             for i, rule in enumerate(c.l7):
                 if l7_rule_matches(rule, l7):
-                    return DirectionVerdict(direction, subject.name, True, f"{c.reason} dns[{i}]", True, True, parser)
+                    return DirectionVerdict(
+                        direction, subject.name, True, f"{c.reason} dns[{i}]", True, True, parser
+                    )
         refs = _refs(c for c in allows if c.parser == PARSER_DNS)
         why = f"dns-deny: query {l7.fqdn} matches no DNS rule of {refs}"
         return DirectionVerdict(direction, subject.name, False, why, True, True, parser)
@@ -207,7 +219,9 @@ def verdict(
     return Verdict(True, _allowed_reason(src, dst, egress, ingress), egress, ingress)
 
 
-def _allowed_reason(src: Peer, dst: Peer, egress: DirectionVerdict | None, ingress: DirectionVerdict | None) -> str:
+def _allowed_reason(
+    src: Peer, dst: Peer, egress: DirectionVerdict | None, ingress: DirectionVerdict | None
+) -> str:
     sides = [s for s in (egress, ingress) if s is not None]
     explicit = [s.reason for s in sides if s.explicit]
     if explicit:

@@ -1,0 +1,1 @@
+"""cilia's microservices: identity, policy, datapath, dnsproxy, l7proxy, lbipam."""
