@@ -27,11 +27,10 @@ from cilia.policy.context import (
 )
 from cilia.policy.inventory import Inventory, ServiceInfo, Workload, parse_named_ports
 from cilia.policy.l4 import PROTO_NUMBERS
-from cilia.policy.l7 import PARSER_DNS, DNSQuery, HTTPRequest, L7Request
+from cilia.policy.l7 import DNSQuery, HTTPRequest, L7Request
 from cilia.policy.repository import PolicyKey, Repository
-from cilia.policy.rules import EGRESS
 from cilia.policy.translate import PolicyResource
-from cilia.policy.verdict import Verdict, verdict
+from cilia.policy.verdict import Verdict, dns_resolves, verdict
 
 
 class _Model(BaseModel):
@@ -212,9 +211,12 @@ def load_scenario(text: str, origin: str = "<scenario>") -> Scenario:
     try:
         spec = ScenarioSpec.model_validate(raw)
     except ValidationError as err:
-        e = err.errors()[0]
+        # A `str | Target` field reports one error per union member; the value error says why.
+        errors = sorted(err.errors(), key=lambda x: (x.get("type") != "value_error", -len(x.get("loc", ()))))
+        e = errors[0]
         msg = str(e.get("msg", "")).removeprefix("Value error, ")
-        more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+        paths = {format_path(x.get("loc", ())) for x in errors}
+        more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
         raise ScenarioError(f"{origin}: {format_path(e.get('loc', ()))}: {msg}{more}") from None
     manifests: list[list[PolicyResource]] = []
     for i, step in enumerate(spec.steps):
@@ -309,25 +311,6 @@ def resolve_peer(ctx: PolicyContext, value: str | Target, src: Peer | None, prob
     if value.fqdn is not None and src is not None and dns_resolves(ctx, src, value.fqdn):
         names = (value.fqdn,)
     return world_peer(ip, names)
-
-
-def dns_resolves(ctx: PolicyContext, src: Peer, name: str) -> bool:
-    """Would the source's query for `name` pass the DNS proxy (so that `toFQDNs` learns the answer)?
-
-    True when some egress rule of the source carries DNS rules (so its DNS traffic is redirected
-    to the proxy) and one of the DNS rules of the source's egress policy matches the name.
-    """
-    query = DNSQuery(name)
-    for rule in ctx.subject_rules(src):
-        for entry in rule.entries:
-            if entry.direction != EGRESS or entry.deny or entry.ports is None:
-                continue
-            for pr in entry.ports:
-                if pr.parser == PARSER_DNS and any(
-                    r.matches(query.name) for r in pr.l7 if hasattr(r, "matches")
-                ):
-                    return True
-    return False
 
 
 def probe_port_text(probe: Probe) -> str:

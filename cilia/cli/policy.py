@@ -8,7 +8,7 @@ from typing import IO
 import click
 
 from cilia.cli.output import table, to_json
-from cilia.errors import ResourceError
+from cilia.errors import CiliaError, ResourceError
 from cilia.models.loader import POLICY_KINDS, parse_resources
 from cilia.policy.context import PolicyOptions
 from cilia.scenario import ProbeResult, evaluate, load_scenario, probe_label
@@ -16,10 +16,13 @@ from cilia.scenario import ProbeResult, evaluate, load_scenario, probe_label
 
 def read_input(path: str) -> tuple[str, str]:
     """The text of FILE, or of standard input for `-`; returns (text, name for messages)."""
-    if path == "-":
-        return sys.stdin.read(), "<stdin>"
-    with open(path, encoding="utf-8") as fh:
-        return fh.read(), path
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read().decode("utf-8"), "<stdin>"
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8"), path
+    except UnicodeDecodeError as err:
+        raise CiliaError(f"{'<stdin>' if path == '-' else path}: not UTF-8 text (byte {err.start})") from None
 
 
 @click.group()

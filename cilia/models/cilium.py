@@ -94,9 +94,14 @@ def _check_port(value: str) -> str:
     if value == "":
         return value
     if value.isdigit():
-        if int(value) > 65535:
+        # strconv.ParseUint(port, 0, 16): a leading 0 means octal ("010" is 8, "080" is invalid).
+        try:
+            number = int(value, 8) if len(value) > 1 and value.startswith("0") else int(value)
+        except ValueError:
+            raise ValueError("must be 0-65535 or a port name") from None
+        if number > 65535:
             raise ValueError("must be 0-65535 or a port name")
-        return str(int(value))
+        return str(number)
     if is_port_name(value):
         return value.lower()
     raise ValueError("must be 0-65535 or a port name")
@@ -106,13 +111,15 @@ PortText = Annotated[str, BeforeValidator(_port_text), AfterValidator(_check_por
 
 
 def _check_cidr(value: str) -> str:
+    """A prefix (`10.0.0.0/8`); host bits may be set, as Go's netip.ParsePrefix allows. Kept as written."""
+    value = value.strip()
     try:
         if "/" not in value:
             raise ValueError("a prefix length is required")
-        net = ipaddress.ip_network(value, strict=False)
+        ipaddress.ip_network(value, strict=False)
     except ValueError as err:
         raise ValueError(f"invalid CIDR {value!r}: {err}") from None
-    return str(net)
+    return value
 
 
 CIDR = Annotated[str, AfterValidator(_check_cidr)]
@@ -221,11 +228,24 @@ class PortRuleHTTP(Strict):
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
-            try:
-                re.compile(v)
-            except re.error as err:
-                raise ValueError(f"invalid regular expression {v!r}: {err}") from None
+            check_re2(v)
         return v
+
+
+_NOT_RE2 = re.compile(r"\(\?[=!]|\(\?<[=!]|\(\?P=|\\[1-9]|[*+?}][+]")
+
+
+def check_re2(regex: str) -> str:
+    """Envoy matches with RE2: reject what Python accepts but RE2 does not (look-around, backreferences)."""
+    if _NOT_RE2.search(regex):
+        raise ValueError(
+            f"invalid regular expression {regex!r}: look-around, backreferences and possessive quantifiers are not supported (RE2)"
+        )
+    try:
+        re.compile(regex)
+    except re.error as err:
+        raise ValueError(f"invalid regular expression {regex!r}: {err}") from None
+    return regex
 
 
 class L7Rules(Strict):

@@ -60,10 +60,16 @@ def document_name(doc: Any, index: int) -> str:
     """`Kind namespace/name` (namespaced kinds default to namespace `default`), or `document N`."""
     if not isinstance(doc, dict):
         return f"document {index + 1}"
-    kind = doc.get("kind") or "document"
     raw_meta = doc.get("metadata")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     name = meta.get("name")
+    if not doc.get("kind"):
+        return (
+            f"document {index + 1} ({meta.get('namespace') or 'default'}/{name})"
+            if name
+            else f"document {index + 1}"
+        )
+    kind = doc["kind"]
     if kind == "Identity" and "id" in doc:
         return f"Identity {doc['id']}"
     if not name:
@@ -204,6 +210,8 @@ def _convert(err: ValidationError, document: str) -> ResourceError:
             msg = m.group(2)
         if e.get("type") == "literal_error" and re.search(r"(from|to)Entities\[\d+\]$", path):
             msg = f"unsupported entity: {e.get('input')}"
+        if e.get("type") == "literal_error" and path.endswith(".family"):
+            msg = f"wrong family: {e.get('input')}"
         key = (path, msg)
         if key in seen or any(p.startswith(path + ".") or p.startswith(path + "[") for p, _ in seen):
             continue

@@ -42,7 +42,7 @@ def validate_resource(obj: BaseModel) -> None:
 
 
 def validate_rule(rule: Rule, path: str, clusterwide: bool) -> None:
-    if rule.ingress is None and rule.ingressDeny is None and rule.egress is None and rule.egressDeny is None:
+    if not rule.ingress and not rule.ingressDeny and not rule.egress and not rule.egressDeny:
         raise PolicyError(path, "rule must have at least one of Ingress, IngressDeny, Egress, EgressDeny")
     if rule.endpointSelector is None and rule.nodeSelector is None:
         raise PolicyError(path, "rule must have one of EndpointSelector or NodeSelector")
@@ -85,13 +85,13 @@ def _cidr_sets(rule: BaseModel, name: str, path: str) -> None:
     for i, cr in enumerate(getattr(rule, name, None) or []):
         if cr.cidr is None:
             continue
-        net = ipaddress.ip_network(cr.cidr)
+        net = ipaddress.ip_network(cr.cidr, strict=False)
         for j, exc in enumerate(cr.except_ or []):
-            enet = ipaddress.ip_network(exc)
+            enet = ipaddress.ip_network(exc, strict=False)
             if enet.version != net.version or not enet.subnet_of(net):  # type: ignore[arg-type]
                 raise PolicyError(
                     f"{path}.{name}[{i}].except[{j}]",
-                    f"allow CIDR prefix {net} does not contain exclude CIDR prefix {enet}",
+                    f"allow CIDR prefix {cr.cidr} does not contain exclude CIDR prefix {exc}",
                 )
 
 

@@ -40,7 +40,9 @@ class PolicyOptions:
 
     enforcement: Enforcement = "default"
     allow_localhost: bool = True
-    host_firewall: bool = True
+    # Cilium's --enable-host-firewall. None (auto): on as soon as some rule has a nodeSelector, which
+    # is what differs from "off" only when host policies exist.
+    host_firewall: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -128,13 +130,18 @@ class PolicyContext:
         """The rules that select `subject`: pods by endpointSelector, nodes by nodeSelector."""
         if self.options.enforcement == "never":
             return []
-        return [r for r in self.rules if rule_selects(r, subject, self.options)]
+        if not self.is_subject(subject):
+            return []
+        return [r for r in self.rules if rule_selects(r, subject)]
+
+    def host_firewall(self) -> bool:
+        if self.options.host_firewall is not None:
+            return self.options.host_firewall
+        return any(r.host for r in self.rules)
 
     def is_subject(self, peer: Peer) -> bool:
-        """Whether policy can select this peer at all (only endpoints and nodes have policy)."""
-        return peer.kind == "endpoint" or (
-            peer.kind in ("host", "remote-node") and self.options.host_firewall
-        )
+        """Whether policy can select this peer at all (only endpoints and, with the host firewall, nodes)."""
+        return peer.kind == "endpoint" or (peer.kind in ("host", "remote-node") and self.host_firewall())
 
     def resolve(self, sel: PeerSelector) -> list[ResolvedSelector]:
         """Turn a `toServices` reference into selectors of its services' backends."""
@@ -146,16 +153,16 @@ class PolicyContext:
         return NamedPortLookup(self.inventory, direction, subject.workload)
 
 
-def rule_selects(rule: CompiledRule, subject: Peer, options: PolicyOptions) -> bool:
+def rule_selects(rule: CompiledRule, subject: Peer) -> bool:
     """Pods are selected by endpointSelector rules of their namespace (or cluster-wide ones); nodes
-    only by nodeSelector rules, and only with the host firewall on."""
+    only by nodeSelector rules (which apply only with the host firewall on)."""
     if subject.kind == "endpoint":
         return (
             not rule.host
             and rule.ref.namespace in ("", subject.namespace or "")
             and rule.subject.selects(subject.labels)
         )
-    if subject.kind in ("host", "remote-node") and options.host_firewall:
+    if subject.kind in ("host", "remote-node"):
         return rule.host and rule.subject.selects(subject.labels)
     return False
 

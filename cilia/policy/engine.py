@@ -48,7 +48,7 @@ class PolicyEngine:
         self.subjects: dict[SubjectKey, Peer] = {}
         for w in inventory.workloads.values():
             self.subjects.setdefault(self.subject_key(w), endpoint_peer(inventory, w))
-        if self.options.host_firewall:
+        if self.options.host_firewall is not False:
             self.subjects[HOST_SUBJECT] = host_peer(inventory)
 
     def subject_key(self, w: Workload) -> SubjectKey:
@@ -112,11 +112,7 @@ class PolicyEngine:
         changed_selectors = self.cache.add(self.ipcache.identities[i] for i in new_ids) if new_ids else set()
         ctx = self.context()
         diffs: dict[SubjectKey, MapStateDiff] = {}
-        affected = {
-            k
-            for k, peer in self.subjects.items()
-            if any(rule_selects(r, peer, self.options) for r in changed)
-        }
+        affected = {k for k, peer in self.subjects.items() if any(rule_selects(r, peer) for r in changed)}
         for key in affected:
             old = self.policies.get(key)
             old_entries = old.entries if old is not None else {}

@@ -64,10 +64,13 @@ def parse_named_ports(ports: Mapping[str, int | str]) -> dict[str, tuple[int, in
     out: dict[str, tuple[int, int]] = {}
     for name, value in ports.items():
         if isinstance(value, int):
-            out[name.lower()] = (value, PROTO_TCP)
+            number, proto = value, PROTO_TCP
         else:
-            num, _, proto = str(value).partition("/")
-            out[name.lower()] = (int(num), proto_number(proto) if proto else PROTO_TCP)
+            num, _, pname = str(value).partition("/")
+            number, proto = int(num), proto_number(pname) if pname else PROTO_TCP
+        if not 1 <= number <= 65535:
+            raise ValueError(f"{name}: port {number} is not 1-65535")
+        out[name.lower()] = (number, proto)
     return out
 
 

@@ -179,6 +179,9 @@ class EndpointPolicy:
             return (False, entry.reason, None)
         if entry.parser is None or request is None:
             return (True, entry.reason, entry.parser)
+        if not self.directions[direction].enforced:
+            # No default-deny for this endpoint: Cilium adds an L7 wildcard to every filter (ensureWildcard).
+            return (True, entry.reason, entry.parser)
         return (
             *l7_allowed(self.l7_filters(direction), direction, identity, proto, port, entry.parser, request),
             entry.parser,

@@ -154,7 +154,7 @@ def _port_spec(pp: cnp.PortProtocol) -> PortSpec:
     return PortSpec(proto, 0, None, pp.port.lower())
 
 
-def _l7_rules(rules: cnp.L7Rules | None, default_deny: bool) -> tuple[L7Rule, ...]:
+def _l7_rules(rules: cnp.L7Rules | None) -> tuple[L7Rule, ...]:
     if rules is None:
         return ()
     out: list[L7Rule] = []
@@ -172,23 +172,19 @@ def _l7_rules(rules: cnp.L7Rules | None, default_deny: bool) -> tuple[L7Rule, ..
         )
     for d in rules.dns or []:
         out.append(DNSRule(d.matchName, d.matchPattern))
-    if out and not default_deny:
-        # A rule that does not turn default-deny on must not restrict other L7 traffic (ensureWildcard).
-        out.append(HTTPRule() if isinstance(out[0], HTTPRule) else DNSRule(match_pattern="*"))
     return tuple(out)
 
 
 def _port_rules(
     to_ports: Sequence[cnp.PortRule | cnp.PortDenyRule] | None,
     icmps: Sequence[cnp.ICMPRule] | None,
-    default_deny: bool,
 ) -> tuple[PortRule, ...] | None:
     if to_ports is None and icmps is None:
         return None
     out: list[PortRule] = []
     for pr in to_ports or []:
         rules = pr.rules if isinstance(pr, cnp.PortRule) else None
-        out.append(PortRule(tuple(_port_spec(pp) for pp in pr.ports or []), _l7_rules(rules, default_deny)))
+        out.append(PortRule(tuple(_port_spec(pp) for pp in pr.ports or []), _l7_rules(rules)))
     for icmp in icmps or []:
         specs = []
         for f in icmp.fields or []:
@@ -240,7 +236,6 @@ def _entry(
     rule: cnp.IngressCommonRule | cnp.EgressCommonRule,
     namespace: str,
     subject_init: bool,
-    default_deny: bool,
 ) -> RuleEntry:
     if isinstance(rule, cnp.IngressCommonRule):
         endpoints, cidrs, cidr_sets, entities = (
@@ -262,7 +257,7 @@ def _entry(
     peers += _service_peers(services, namespace)
     peers += [FQDNSelector(f.matchName, f.matchPattern) for f in fqdns or []]
     to_ports = getattr(rule, "toPorts", None)
-    ports = _port_rules(to_ports, rule.icmps, default_deny)
+    ports = _port_rules(to_ports, rule.icmps)
     no_peer_fields = all(x is None for x in (endpoints, cidrs, cidr_sets, entities, services, fqdns))
     # A nil peer list with toPorts (or icmps) is an L3 wildcard; an explicit empty list selects nothing.
     wildcard = no_peer_fields and ports is not None
@@ -299,9 +294,7 @@ def _compile_rule(ref: PolicyRef, path: str, rule: cnp.Rule) -> CompiledRule:
             enforces.add(direction)
         for i, item in enumerate(items):
             entries.append(
-                _entry(
-                    ref, f"{prefix}{name}[{i}]", direction, deny, item, namespace, subject_init, default_deny
-                )
+                _entry(ref, f"{prefix}{name}[{i}]", direction, deny, item, namespace, subject_init)
             )
     return CompiledRule(ref, path, subject, host, tuple(entries), frozenset(enforces), frozenset(has))
 

@@ -234,4 +234,61 @@ def _allowed_reason(
     return "default-allow (nothing applies)"
 
 
-__all__ = ["ALL_PORTS", "Contribution", "DirectionVerdict", "Verdict", "direction_verdict", "verdict"]
+def dns_resolves(ctx: PolicyContext, src: Peer, name: str) -> bool:
+    """Would the DNS proxy answer `src`'s query for `name`, so that `toFQDNs` learns the answer?
+
+    Only if some DNS server the source may reach, on a port its egress redirects to the DNS
+    proxy, accepts the query: the DNS rules of that port let the name through, and no deny or
+    ingress policy of the server stops it.
+    """
+    query = DNSQuery(name)
+    candidates: list[Peer] | None = None
+    for rule in ctx.subject_rules(src):
+        for entry in rule.entries:
+            if entry.direction != EGRESS or entry.deny or entry.ports is None:
+                continue
+            resolve = ctx.named_port_resolver(EGRESS, src)
+            for pr in entry.ports:
+                if pr.parser != PARSER_DNS:
+                    continue
+                if candidates is None:
+                    candidates = _dns_server_candidates(ctx)
+                for spec in pr.ports:
+                    for rng in spec.ranges(resolve):
+                        for server in candidates:
+                            v = verdict(ctx, src, server, rng.lo, rng.proto, query)
+                            if v.allowed and v.egress is not None and v.egress.redirect == PARSER_DNS:
+                                return True
+    return False
+
+
+def _dns_server_candidates(ctx: PolicyContext) -> list[Peer]:
+    """Every party that could be a DNS server: the pods, the nodes, and outside addresses the rules name."""
+    import ipaddress
+
+    from cilia.policy.context import endpoint_peer, host_peer, remote_node_peer, world_peer
+    from cilia.policy.rules import CIDRSelector
+
+    inv = ctx.inventory
+    out = [endpoint_peer(inv, w) for w in inv.workloads.values()]
+    out += [host_peer(inv), remote_node_peer(inv), world_peer()]
+    for rule in ctx.rules:
+        for entry in rule.entries:
+            for peer in entry.peers:
+                if isinstance(peer, CIDRSelector):
+                    for addr in (peer.net.network_address, peer.net.broadcast_address):
+                        if peer.selects_ip(addr):
+                            out.append(world_peer(ipaddress.ip_address(addr)))
+                            break
+    return out
+
+
+__all__ = [
+    "ALL_PORTS",
+    "Contribution",
+    "DirectionVerdict",
+    "Verdict",
+    "direction_verdict",
+    "dns_resolves",
+    "verdict",
+]

@@ -17,7 +17,17 @@ PORTS = [53, 80, 443, 8080, 9000]
 PREFIXES = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "198.51.100.0/24", "198.51.100.10/32", "0.0.0.0/0"]
 OUTSIDE_IPS = ["10.1.2.3", "10.1.9.9", "10.200.0.1", "198.51.100.10", "198.51.100.77", "203.0.113.5"]
 NAMES = ["api.github.com", "github.com", "a.b.github.com", "example.org", "www.example.org"]
-ENTITIES = ["all", "world", "cluster", "host", "remote-node", "kube-apiserver", "health", "none", "world-ipv4"]
+ENTITIES = [
+    "all",
+    "world",
+    "cluster",
+    "host",
+    "remote-node",
+    "kube-apiserver",
+    "health",
+    "none",
+    "world-ipv4",
+]
 
 
 def inventory() -> Inventory:
@@ -29,7 +39,13 @@ def inventory() -> Inventory:
             tier = TIERS[n % 2]
             ports = {"http": (8080 if app == "a" else 80, 6), "dns": (53, 17)}
             pods.append(
-                Workload(ns, f"{app}-{ns}", {"app": app, "tier": tier}, ipaddress.ip_address(f"10.244.0.{n + 10}"), ports)
+                Workload(
+                    ns,
+                    f"{app}-{ns}",
+                    {"app": app, "tier": tier},
+                    ipaddress.ip_address(f"10.244.0.{n + 10}"),
+                    ports,
+                )
             )
             n += 1
     services = [ServiceInfo("default", "svc-a", {"kind": "web"}, {"app": "a"})]
@@ -58,9 +74,13 @@ def selector(draw: Any, allow_ns: bool = True) -> dict[str, Any]:
             expr["values"] = draw(st.lists(st.sampled_from(APPS + TIERS), min_size=1, max_size=2))
         out["matchExpressions"] = [expr]
     if allow_ns and draw(st.integers(0, 4)) == 0:
-        out.setdefault("matchLabels", {})["k8s:io.kubernetes.pod.namespace"] = draw(st.sampled_from(NAMESPACES))
+        out.setdefault("matchLabels", {})["k8s:io.kubernetes.pod.namespace"] = draw(
+            st.sampled_from(NAMESPACES)
+        )
     if allow_ns and draw(st.integers(0, 6)) == 0:
-        out.setdefault("matchLabels", {})["io.cilium.k8s.namespace.labels.team"] = draw(st.sampled_from(["core", "edge"]))
+        out.setdefault("matchLabels", {})["io.cilium.k8s.namespace.labels.team"] = draw(
+            st.sampled_from(["core", "edge"])
+        )
     return out
 
 
@@ -68,10 +88,16 @@ def selector(draw: Any, allow_ns: bool = True) -> dict[str, Any]:
 def port_rule(draw: Any, egress: bool, deny: bool, focus: str = "mixed") -> dict[str, Any]:
     if focus == "l7" and not deny:
         if egress and draw(st.booleans()):
-            return {"ports": [{"port": "53", "protocol": draw(st.sampled_from(["UDP", "ANY"]))}], "rules": {"dns": draw(st.lists(dns_rule(), min_size=1, max_size=2))}}
+            return {
+                "ports": [{"port": "53", "protocol": draw(st.sampled_from(["UDP", "ANY"]))}],
+                "rules": {"dns": draw(st.lists(dns_rule(), min_size=1, max_size=2))},
+            }
         if draw(st.integers(0, 3)) == 0:
             return {"ports": [{"port": "80", "protocol": "TCP"}]}
-        return {"ports": [{"port": "80", "protocol": "TCP"}], "rules": {"http": draw(st.lists(http_rule(), min_size=1, max_size=2))}}
+        return {
+            "ports": [{"port": "80", "protocol": "TCP"}],
+            "rules": {"http": draw(st.lists(http_rule(), min_size=1, max_size=2))},
+        }
     kind = draw(st.sampled_from(["num", "num", "num", "range", "named", "zero"]))
     proto = draw(st.sampled_from(["TCP", "UDP", "SCTP", "ANY", "TCP"]))
     port: dict[str, Any]
@@ -86,7 +112,9 @@ def port_rule(draw: Any, egress: bool, deny: bool, focus: str = "mixed") -> dict
         port = {"port": "0", "protocol": proto}
     ports = [port]
     if draw(st.integers(0, 3)) == 0:
-        ports.append({"port": str(draw(st.sampled_from(PORTS))), "protocol": draw(st.sampled_from(["TCP", "UDP"]))})
+        ports.append(
+            {"port": str(draw(st.sampled_from(PORTS))), "protocol": draw(st.sampled_from(["TCP", "UDP"]))}
+        )
     rule: dict[str, Any] = {"ports": ports}
     if deny:
         return rule
@@ -120,7 +148,18 @@ def dns_rule(draw: Any) -> dict[str, Any]:
 @st.composite
 def rule_element(draw: Any, egress: bool, deny: bool, focus: str = "mixed") -> dict[str, Any]:
     prefix = "to" if egress else "from"
-    kinds = ["Endpoints", "Endpoints", "Endpoints", "CIDR", "CIDRSet", "Entities", "Entities", "none", "none", "empty"]
+    kinds = [
+        "Endpoints",
+        "Endpoints",
+        "Endpoints",
+        "CIDR",
+        "CIDRSet",
+        "Entities",
+        "Entities",
+        "none",
+        "none",
+        "empty",
+    ]
     if egress and not deny:
         kinds.append("FQDNs")
     if egress:
@@ -138,7 +177,9 @@ def rule_element(draw: Any, egress: bool, deny: bool, focus: str = "mixed") -> d
             "198.51.100.0/24": ["198.51.100.10/32"],
             "0.0.0.0/0": ["10.0.0.0/8"],
         }[cidr]
-        el[f"{prefix}CIDRSet"] = [{"cidr": cidr, "except": draw(st.lists(st.sampled_from(excepts), max_size=1))}]
+        el[f"{prefix}CIDRSet"] = [
+            {"cidr": cidr, "except": draw(st.lists(st.sampled_from(excepts), max_size=1))}
+        ]
     elif kind == "Entities":
         el[f"{prefix}Entities"] = draw(st.lists(st.sampled_from(ENTITIES), min_size=1, max_size=2))
     elif kind == "FQDNs":
@@ -147,7 +188,11 @@ def rule_element(draw: Any, egress: bool, deny: bool, focus: str = "mixed") -> d
         el["toServices"] = [{"k8sService": {"serviceName": "svc-a", "namespace": "default"}}]
     elif kind == "empty":
         el[f"{prefix}Endpoints"] = []
-    l4 = draw(st.sampled_from(["ports", "ports", "none", "icmp"] if focus != "l7" else ["ports", "ports", "ports", "none"]))
+    l4 = draw(
+        st.sampled_from(
+            ["ports", "ports", "none", "icmp"] if focus != "l7" else ["ports", "ports", "ports", "none"]
+        )
+    )
     if l4 == "ports":
         el["toPorts"] = draw(st.lists(port_rule(egress, deny, focus), min_size=1, max_size=2))
     elif l4 == "icmp":
@@ -167,14 +212,21 @@ def cnp(draw: Any, index: int, focus: str = "mixed") -> dict[str, Any]:
     ):
         weight = 1 if not deny or focus == "deny" else 3
         if draw(st.integers(0, weight)) == 0:
-            spec[section] = draw(st.lists(rule_element(egress, deny, focus), min_size=0 if focus == "mixed" else 1, max_size=2))
-    if not any(k in spec for k in ("ingress", "egress", "ingressDeny", "egressDeny")):
+            spec[section] = draw(
+                st.lists(rule_element(egress, deny, focus), min_size=0 if focus == "mixed" else 1, max_size=2)
+            )
+    if not any(spec.get(k) for k in ("ingress", "egress", "ingressDeny", "egressDeny")):
         spec["ingress"] = [draw(rule_element(False, False, focus))]
     if draw(st.integers(0, 5)) == 0:
         spec["enableDefaultDeny"] = {"ingress": draw(st.booleans()), "egress": draw(st.booleans())}
     meta: dict[str, Any] = {"name": f"p{index}"}
     if clusterwide:
-        return {"apiVersion": "cilium.io/v2", "kind": "CiliumClusterwideNetworkPolicy", "metadata": meta, "spec": spec}
+        return {
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumClusterwideNetworkPolicy",
+            "metadata": meta,
+            "spec": spec,
+        }
     meta["namespace"] = draw(st.sampled_from(NAMESPACES))
     return {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy", "metadata": meta, "spec": spec}
 
@@ -184,12 +236,21 @@ def netpol(draw: Any, index: int) -> dict[str, Any]:
     def peer() -> dict[str, Any]:
         kind = draw(st.sampled_from(["pod", "ns", "both", "ip"]))
         if kind == "ip":
-            return {"ipBlock": {"cidr": "10.0.0.0/8", "except": draw(st.lists(st.just("10.1.0.0/16"), max_size=1))}}
+            return {
+                "ipBlock": {
+                    "cidr": "10.0.0.0/8",
+                    "except": draw(st.lists(st.just("10.1.0.0/16"), max_size=1)),
+                }
+            }
         p: dict[str, Any] = {}
         if kind in ("pod", "both"):
             p["podSelector"] = {"matchLabels": dict(draw(labels_st))}
         if kind in ("ns", "both"):
-            p["namespaceSelector"] = {"matchLabels": {"team": draw(st.sampled_from(["core", "edge"]))}} if draw(st.booleans()) else {}
+            p["namespaceSelector"] = (
+                {"matchLabels": {"team": draw(st.sampled_from(["core", "edge"]))}}
+                if draw(st.booleans())
+                else {}
+            )
         return p
 
     def rule() -> dict[str, Any]:
@@ -197,7 +258,12 @@ def netpol(draw: Any, index: int) -> dict[str, Any]:
         if draw(st.booleans()):
             r["from" if direction == "ingress" else "to"] = [peer() for _ in range(draw(st.integers(1, 2)))]
         if draw(st.booleans()):
-            r["ports"] = [{"protocol": draw(st.sampled_from(["TCP", "UDP"])), "port": draw(st.sampled_from([80, 53, "http"]))}]
+            r["ports"] = [
+                {
+                    "protocol": draw(st.sampled_from(["TCP", "UDP"])),
+                    "port": draw(st.sampled_from([80, 53, "http"])),
+                }
+            ]
         return r
 
     spec: dict[str, Any] = {"podSelector": {"matchLabels": dict(draw(labels_st))}}
@@ -253,7 +319,9 @@ def peer(draw: Any, inv: Inventory) -> Peer:
         ip = ipaddress.ip_address(draw(st.sampled_from(OUTSIDE_IPS)))
         names = draw(st.lists(st.sampled_from(NAMES), max_size=1))
         return world_peer(ip, names)
-    return entity_peer(inv, draw(st.sampled_from(["host", "remote-node", "world", "kube-apiserver", "health"])))
+    return entity_peer(
+        inv, draw(st.sampled_from(["host", "remote-node", "world", "kube-apiserver", "health"]))
+    )
 
 
 @st.composite

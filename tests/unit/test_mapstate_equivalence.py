@@ -19,7 +19,9 @@ from cilia.policy.verdict import verdict
 INV = inventory()
 
 
-def mapstate_verdict(ctx: PolicyContext, src: Peer, dst: Peer, port: int, proto: str, l7: object) -> tuple[bool, list[str | None]]:
+def mapstate_verdict(
+    ctx: PolicyContext, src: Peer, dst: Peer, port: int, proto: str, l7: object
+) -> tuple[bool, list[str | None]]:
     fqdn = {p.net.network_address: p.names for p in (src, dst) if p.net is not None and p.names}
     ipcache = IPCache.build(ctx.inventory, ctx.rules, fqdn)
     cache = SelectorCache(ipcache.identities.values())
@@ -64,17 +66,23 @@ MODES = st.sampled_from(["default", "default", "default", "always", "never"])
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), docs=policies(), mode=MODES)
-def test_mapstate_agrees_with_verdict_on_mixed_policies(data: st.DataObject, docs: list[dict], mode: str) -> None:
+def test_mapstate_agrees_with_verdict_on_mixed_policies(
+    data: st.DataObject, docs: list[dict], mode: str
+) -> None:
     check_equivalence(data, docs, mode, "mixed")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), docs=policies(focus="deny"), mode=MODES)
-def test_mapstate_agrees_with_verdict_when_denies_overlap_allows(data: st.DataObject, docs: list[dict], mode: str) -> None:
+def test_mapstate_agrees_with_verdict_when_denies_overlap_allows(
+    data: st.DataObject, docs: list[dict], mode: str
+) -> None:
     check_equivalence(data, docs, mode, "deny")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), docs=policies(focus="l7"), mode=MODES)
-def test_mapstate_and_proxy_rules_agree_with_verdict_on_l7(data: st.DataObject, docs: list[dict], mode: str) -> None:
+def test_mapstate_and_proxy_rules_agree_with_verdict_on_l7(
+    data: st.DataObject, docs: list[dict], mode: str
+) -> None:
     check_equivalence(data, docs, mode, "l7")
