@@ -34,7 +34,9 @@ def parse_address(kvstore: str, nats_url: str = DEFAULT_NATS_URL) -> Address:
         parts = urlsplit(value)
         port = parts.port
     except ValueError as err:
-        raise KVError(f"kvstore address {value!r} is not a URL ({err}): use 'nats', 'nats://host:port' or 'etcd://host:port'") from err
+        raise KVError(
+            f"kvstore address {value!r} is not a URL ({err}): use 'nats', 'nats://host:port' or 'etcd://host:port'"
+        ) from err
     scheme = parts.scheme
     if scheme not in ("nats", "etcd") or not parts.hostname:
         raise KVError(
@@ -42,6 +44,8 @@ def parse_address(kvstore: str, nats_url: str = DEFAULT_NATS_URL) -> Address:
             "set CILIA_KVSTORE to 'nats' (uses CILIA_NATS_URL), 'nats://host:port' or 'etcd://host:port'"
         )
     if scheme == "etcd" and (parts.username or parts.password):
-        raise KVError(f"kvstore address {parts.hostname}: etcd user/password authentication is not supported yet")
+        raise KVError(
+            f"kvstore address {parts.hostname}: etcd user/password authentication is not supported yet"
+        )
     backend: Literal["nats", "etcd"] = "nats" if scheme == "nats" else "etcd"
     return Address(backend, value, parts.hostname, port or DEFAULT_PORTS[scheme])

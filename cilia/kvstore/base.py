@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import enum
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -60,7 +61,9 @@ LIST_DONE = WatchEvent(EventKind.LIST_DONE)
 def check_revision(revision: int) -> None:
     """Compare-and-set takes a revision read from the store, which is always positive."""
     if revision < 1:
-        raise KVError(f"revision {revision} was never read from the store: use create() for a key that must be absent")
+        raise KVError(
+            f"revision {revision} was never read from the store: use create() for a key that must be absent"
+        )
 
 
 class _End:
@@ -79,7 +82,7 @@ class Watch:
 
     def __init__(
         self,
-        source: Callable[[], AsyncIterator[WatchEvent]],
+        source: Callable[[], AsyncGenerator[WatchEvent, None]],
         on_close: Callable[[Watch], None] | None = None,
         *,
         buffer: int = 1024,
@@ -96,8 +99,9 @@ class Watch:
 
     async def _pump(self) -> None:
         try:
-            async for event in self._source():
-                await self._queue.put(event)
+            async with contextlib.aclosing(self._source()) as events:
+                async for event in events:
+                    await self._queue.put(event)
         except Exception as err:  # handed to the reader, who sees it raised by __anext__
             await self._queue.put(err)
         else:

@@ -62,8 +62,6 @@ class KVUnavailableError(KVError):
         self.backend = backend
         self.url = url
         self.detail = detail
-        check = hint or (
-            f"check that {backend} is running and reachable at {url}, "
-            "and that CILIA_KVSTORE / CILIA_NATS_URL point at it"
-        )
+        settings = "CILIA_KVSTORE / CILIA_NATS_URL point" if backend == "NATS" else "CILIA_KVSTORE points"
+        check = hint or f"check that {backend} is running and reachable at {url}, and that {settings} at it"
         super().__init__(f"{backend} kvstore at {url} is unavailable ({detail}): {check}")

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -47,7 +47,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from cilia.kvstore.address import Address
-from cilia.kvstore.base import LIST_DONE, Entry, EventKind, Lease, Watch, WatchEvent
+from cilia.kvstore.base import LIST_DONE, Entry, EventKind, Lease, Watch, WatchEvent, check_revision
 from cilia.kvstore.errors import (
     KeyExistsError,
     KVError,
@@ -68,9 +68,13 @@ HDR_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
 HDR_REVISION = "Cilia-Revision"
 HDR_LEASE = "Cilia-Lease"
 WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream error codes of a failed compare-and-set
+STREAM_NAME_IN_USE = 10058
 ATTEMPTS = 8  # compare-and-set rounds when only a keepalive copy got in between
+LISTING_POLL = 0.5  # seconds without a message before a listing asks the server whether it is complete
 BACKOFF = (0.1, 2.0)  # first and longest pause of a watch between failed attempts
-JETSTREAM_HINT = "check that nats-server runs with JetStream enabled (-js) and that CILIA_NATS_URL points at it"
+JETSTREAM_HINT = (
+    "check that nats-server runs with JetStream enabled (-js) and that CILIA_NATS_URL points at it"
+)
 
 
 class _WrongLastSequence(Exception):
@@ -103,7 +107,9 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 def _record(key: str, seq: int, data: bytes | None, headers: Mapping[str, str] | None) -> _Record:
     h = headers or {}
     deleted = h.get(KV_OPERATION) in ("DEL", "PURGE") or MARKER_REASON in h
-    return _Record(key, seq, data or b"", deleted, _int_header(h, HDR_REVISION) or seq, _int_header(h, HDR_LEASE))
+    return _Record(
+        key, seq, data or b"", deleted, _int_header(h, HDR_REVISION) or seq, _int_header(h, HDR_LEASE)
+    )
 
 
 @dataclass
@@ -146,6 +152,12 @@ class _Feed:
         self._delivered = sequence
         return msg
 
+    async def drained(self) -> bool:
+        """Whether the server has nothing more to deliver and everything it delivered has arrived."""
+        info = await self._store._jsm.consumer_info(self._stream, self._name)
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        return info.num_pending == 0 and delivered == self._delivered
+
     async def close(self) -> None:
         """Unsubscribe and delete the consumer; errors are ignored, the server drops it when idle anyway."""
         with contextlib.suppress(Exception):
@@ -166,7 +178,6 @@ class NatsKVStore:
         tombstone_ttl: int = 600,
         heartbeat: float = 5.0,
         replicas: int = 1,
-        owns_connection: bool = True,
     ) -> None:
         self._nc = nc
         self._address = address
@@ -174,48 +185,59 @@ class NatsKVStore:
         self._tombstone_ttl = tombstone_ttl
         self._heartbeat = heartbeat
         self._replicas = replicas
-        self._owns_connection = owns_connection
         self._js = nc.jetstream(timeout=timeout)
         self._jsm = nc.jsm(timeout=timeout)
         self._streams: set[str] = set()
         self._streams_lock = asyncio.Lock()
         self._leases: dict[int, _LeaseState] = {}
         self._watches: set[Watch] = set()
+        self._online = asyncio.Event()
         self._closed = False
 
     @classmethod
-    async def connect(cls, address: Address, *, timeout: float = 5.0) -> NatsKVStore:
+    async def connect(
+        cls, address: Address, *, user: str | None = None, password: str | None = None, timeout: float = 5.0
+    ) -> NatsKVStore:
         """Connect to the NATS server at `address` (reconnecting forever after the first success)."""
         nc = NATS()
+        store = cls(nc, address, timeout=timeout)
+
+        errors: list[Exception] = []
 
         async def on_error(err: Exception) -> None:
+            errors[:] = [err]
             log.debug("nats connection error server=%s error=%r", address.shown, err)
-
-        async def on_disconnect() -> None:
-            log.warning("nats disconnected server=%s", address.shown)
-
-        async def on_reconnect() -> None:
-            log.info("nats reconnected server=%s", address.shown)
 
         try:
             await asyncio.wait_for(
                 nc.connect(
                     address.url,
                     name="cilia-kvstore",
+                    user=user,
+                    password=password,
                     connect_timeout=math.ceil(timeout),
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]
                     max_reconnect_attempts=-1,
+                    # No buffering while disconnected: a write that timed out must not land later.
+                    pending_size=0,
                     error_cb=on_error,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=on_reconnect,
+                    disconnected_cb=store._on_disconnect,
+                    reconnected_cb=store._on_reconnect,
                 ),
                 timeout,
             )
         except (TimeoutError, OSError, nats.errors.Error) as err:
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise KVUnavailableError("NATS", address.shown, f"cannot connect: {err!r}") from err
-        store = cls(nc, address, timeout=timeout)
+            last = errors[0] if errors else err
+            refused = isinstance(last, nats.errors.AuthorizationError) or "Authorization Violation" in str(
+                last
+            )
+            hint = (
+                "check the NATS user and password (CILIA_NATS_USER, CILIA_NATS_PASSWORD)" if refused else ""
+            )
+            raise KVUnavailableError("NATS", address.shown, f"cannot connect: {last!r}", hint) from err
+        store._online.set()
         try:
             with store._errors("read JetStream account info", hint=JETSTREAM_HINT):
                 await store._jsm.account_info()
@@ -224,13 +246,37 @@ class NatsKVStore:
             raise
         return store
 
+    async def _on_disconnect(self) -> None:
+        self._online.clear()
+        if not self._closed:
+            log.warning("nats disconnected server=%s", self._address.shown)
+
+    async def _on_reconnect(self) -> None:
+        self._online.set()
+        log.info("nats reconnected server=%s", self._address.shown)
+
+    async def _wait_online(self, what: str) -> None:
+        """Wait up to the timeout for the connection to be up, as etcd's gRPC channel does."""
+        if self._nc.is_connected:
+            return
+        if self._nc.is_closed:
+            raise KVUnavailableError(
+                "NATS", self._address.shown, f"cannot {what}: the kvstore was closed", "connect again"
+            )
+        try:
+            await asyncio.wait_for(self._online.wait(), self._timeout)
+        except TimeoutError:
+            raise KVUnavailableError("NATS", self._address.shown, f"cannot {what}: not connected") from None
+
     @contextlib.contextmanager
     def _errors(self, what: str, hint: str = "") -> Iterator[None]:
         """Turn the client's errors into kvstore errors that say what failed and what to check."""
         try:
             yield
         except nats.js.errors.ServiceUnavailableError as err:
-            raise KVUnavailableError("NATS", self._address.shown, f"cannot {what}: JetStream unavailable", JETSTREAM_HINT) from err
+            raise KVUnavailableError(
+                "NATS", self._address.shown, f"cannot {what}: JetStream unavailable", JETSTREAM_HINT
+            ) from err
         except (
             TimeoutError,
             OSError,
@@ -244,7 +290,9 @@ class NatsKVStore:
             nats.errors.BadSubscriptionError,
             nats.js.errors.NoStreamResponseError,
         ) as err:
-            raise KVUnavailableError("NATS", self._address.shown, f"cannot {what}: {type(err).__name__}", hint) from err
+            raise KVUnavailableError(
+                "NATS", self._address.shown, f"cannot {what}: {type(err).__name__}", hint
+            ) from err
         except nats.js.errors.APIError as err:
             raise KVError(
                 f"NATS JetStream at {self._address.shown} refused to {what}: {err.description} (code {err.err_code})"
@@ -269,7 +317,8 @@ class NatsKVStore:
         )
 
     async def _stream(self, bucket: str) -> str:
-        """The stream of `bucket`, created or adapted on first use."""
+        """The stream of `bucket` once the connection is up; created or adapted on first use."""
+        await self._wait_online(f"use bucket {bucket!r}")
         stream = f"KV_{bucket}"
         if stream in self._streams:
             return stream
@@ -279,13 +328,18 @@ class NatsKVStore:
                     try:
                         info = await self._jsm.stream_info(stream)
                     except nats.js.errors.NotFoundError:
-                        with contextlib.suppress(nats.js.errors.BadRequestError):  # made meanwhile by another client
+                        try:
                             await self._jsm.add_stream(self._stream_config(bucket))
+                        except nats.js.errors.BadRequestError as err:
+                            if err.err_code != STREAM_NAME_IN_USE:  # else another client made it meanwhile
+                                raise
                         info = await self._jsm.stream_info(stream)
                     config = info.config
                     if not config.allow_msg_ttl or not config.subject_delete_marker_ttl:
                         config.allow_msg_ttl = True
-                        config.subject_delete_marker_ttl = config.subject_delete_marker_ttl or self._tombstone_ttl
+                        config.subject_delete_marker_ttl = (
+                            config.subject_delete_marker_ttl or self._tombstone_ttl
+                        )
                         config.allow_rollup_hdrs = True
                         await self._jsm.update_stream(config)
                 self._streams.add(stream)
@@ -325,7 +379,9 @@ class NatsKVStore:
     def _live_lease(self, lease: Lease) -> _LeaseState:
         state = self._leases.get(lease.id)
         if state is None:
-            raise LeaseExpiredError(lease.id, "NATS leases are known only to the connection that granted them")
+            raise LeaseExpiredError(
+                lease.id, "NATS leases are known only to the connection that granted them"
+            )
         if asyncio.get_running_loop().time() >= state.deadline:
             del self._leases[lease.id]
             raise LeaseExpiredError(lease.id)
@@ -387,7 +443,7 @@ class NatsKVStore:
         if state is None:
             return
         for key in sorted(state.keys):
-            await self._delete_where(key, lambda r: r.lease == lease.id)
+            await self._delete(key, lease_id=lease.id)
 
     # -- the contract -------------------------------------------------------------------------------
 
@@ -412,7 +468,9 @@ class NatsKVStore:
                 raise KeyExistsError(key, record.revision)
             expected = record.seq if record is not None else 0
             try:
-                revision = await self._publish(key, value, {**self._lease_headers(lease), HDR_EXPECTED: str(expected)})
+                revision = await self._publish(
+                    key, value, {**self._lease_headers(lease), HDR_EXPECTED: str(expected)}
+                )
             except _WrongLastSequence:
                 continue
             self._attach(key, lease)
@@ -421,6 +479,7 @@ class NatsKVStore:
 
     async def update(self, key: str, value: bytes, revision: int, lease: Lease | None = None) -> int:
         """Write the key if it is still at `revision`, else RevisionMismatchError."""
+        check_revision(revision)
         for _ in range(ATTEMPTS):
             record = await self._last(key)
             if record is None or record.deleted:
@@ -428,7 +487,9 @@ class NatsKVStore:
             if record.revision != revision:
                 raise RevisionMismatchError(key, revision, record.revision)
             try:
-                new = await self._publish(key, value, {**self._lease_headers(lease), HDR_EXPECTED: str(record.seq)})
+                new = await self._publish(
+                    key, value, {**self._lease_headers(lease), HDR_EXPECTED: str(record.seq)}
+                )
             except _WrongLastSequence:  # a writer (then the next read says so) or a keepalive copy
                 continue
             self._attach(key, lease)
@@ -437,22 +498,21 @@ class NatsKVStore:
 
     async def delete(self, key: str, revision: int | None = None) -> bool:
         """Delete the key (only if still at `revision`, when given); False if it did not exist."""
+        if revision is not None:
+            check_revision(revision)
+        return await self._delete(key, revision=revision)
 
-        def unchanged(record: _Record) -> bool:
-            if revision is not None and record.revision != revision:
-                raise RevisionMismatchError(key, revision, record.revision)
-            return True
-
-        deleted = await self._delete_where(key, unchanged)
-        if not deleted and revision is not None:
-            raise RevisionMismatchError(key, revision, None)
-        return deleted
-
-    async def _delete_where(self, key: str, condition: Callable[[_Record], bool]) -> bool:
-        """Write a purge marker for `key` if it exists and `condition` holds for its last value."""
+    async def _delete(self, key: str, *, revision: int | None = None, lease_id: int | None = None) -> bool:
+        """Write a purge marker for `key` if it exists, is at `revision` and under `lease_id` (when given)."""
         for _ in range(ATTEMPTS):
             record = await self._last(key)
-            if record is None or record.deleted or not condition(record):
+            if record is None or record.deleted:
+                if revision is not None:
+                    raise RevisionMismatchError(key, revision, None)
+                return False
+            if revision is not None and record.revision != revision:
+                raise RevisionMismatchError(key, revision, record.revision)
+            if lease_id is not None and record.lease != lease_id:
                 return False
             headers = {
                 KV_OPERATION: "PURGE",
@@ -480,7 +540,9 @@ class NatsKVStore:
             finally:
                 await feed.close()
             return sorted(listing.values(), key=lambda e: e.key)
-        raise KVUnavailableError("NATS", self._address.shown, f"listing {prefix!r} kept losing messages", JETSTREAM_HINT)
+        raise KVUnavailableError(
+            "NATS", self._address.shown, f"listing {prefix!r} kept losing messages", JETSTREAM_HINT
+        )
 
     # -- watch --------------------------------------------------------------------------------------
 
@@ -528,10 +590,14 @@ class NatsKVStore:
         last_data = loop.time()
         while remaining > 0:
             with self._errors(f"list {want!r}"):
-                msg = await feed.next(timeout=self._timeout)
+                msg = await feed.next(timeout=LISTING_POLL)
+                if msg is None and await feed.drained():  # what was left expired before delivery
+                    break
             if msg is None:
                 if loop.time() - last_data > self._timeout:
-                    raise KVUnavailableError("NATS", self._address.shown, f"listing {want!r} stalled", JETSTREAM_HINT)
+                    raise KVUnavailableError(
+                        "NATS", self._address.shown, f"listing {want!r} stalled", JETSTREAM_HINT
+                    )
                 continue
             last_data = loop.time()
             remaining = 0 if msg.metadata.num_pending == 0 else remaining - 1
@@ -551,7 +617,7 @@ class NatsKVStore:
         self._watches.add(watch)
         return watch
 
-    async def _watch_events(self, prefix: str) -> AsyncIterator[WatchEvent]:
+    async def _watch_events(self, prefix: str) -> AsyncGenerator[WatchEvent, None]:
         bucket, rest = split_prefix(prefix)
         want = full_prefix(prefix)
         subject = f"$KV.{bucket}.{nats_filter(rest)}"
@@ -608,11 +674,9 @@ class NatsKVStore:
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        """End every watch and close the connection (if this store opened it)."""
+        """End every watch and close the connection."""
         self._closed = True
         for watch in builtins.list(self._watches):
             await watch.aclose()
-        if self._owns_connection:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-
+        with contextlib.suppress(Exception):
+            await self._nc.close()
