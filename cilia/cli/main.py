@@ -38,14 +38,56 @@ class CiliaGroup(click.Group):
 
 @click.group(cls=CiliaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cilia")
-def cli() -> None:
+@click.option(
+    "--token",
+    envvar="CILIA_TOKEN",
+    default=None,
+    help="Bearer token (default: CILIA_TOKEN, or the admin token of CILIA_TOKEN_FILE).",
+)
+@click.option(
+    "--identity-url",
+    default=None,
+    help="Identity service URL (default: CILIA_IDENTITY_URL or http://127.0.0.1:9101).",
+)
+@click.option(
+    "--policy-url",
+    default=None,
+    help="Policy service URL (default: CILIA_POLICY_URL or http://127.0.0.1:9102).",
+)
+@click.option(
+    "--datapath-url",
+    default=None,
+    help="Datapath agent URL (default: CILIA_DATAPATH_URL or http://127.0.0.1:9103).",
+)
+@click.option(
+    "--dnsproxy-url",
+    default=None,
+    help="DNS proxy URL (default: CILIA_DNSPROXY_URL or http://127.0.0.1:9104).",
+)
+@click.option(
+    "--l7proxy-url", default=None, help="L7 proxy URL (default: CILIA_L7PROXY_URL or http://127.0.0.1:9105)."
+)
+@click.option(
+    "--lbipam-url",
+    default=None,
+    help="LB-IPAM service URL (default: CILIA_LBIPAM_URL or http://127.0.0.1:9106).",
+)
+@click.pass_context
+def cli(ctx: click.Context, /, token: str | None, **urls: str | None) -> None:
     """cilia: Cilium's network security model — identities, CiliumNetworkPolicy, eBPF, flows."""
+    from cilia.cli.client import Client
+
+    ctx.obj = Client({k.removesuffix("_url"): v for k, v in urls.items() if v}, token)
 
 
 def register() -> None:
-    from cilia.cli import policy
+    from cilia.cli import auth, identity, policy, resources, status
 
     cli.add_command(policy.policy)
+    cli.add_command(resources.apply)
+    cli.add_command(identity.identity)
+    cli.add_command(status.status)
+    cli.add_command(auth.auth)
 
 
 def main() -> None:

@@ -48,10 +48,17 @@ class ServerProcess:
     """A server binary with fixed ports and data dir, which a test can stop() and start() again."""
 
     def __init__(
-        self, name: str, argv: list[str], url: str, ready: Callable[[], bool], log_path: Path
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        ready: Callable[[], bool],
+        log_path: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.argv = argv
+        self.env = env
         self.url = url
         self._ready = ready
         self._log_path = log_path
@@ -67,7 +74,7 @@ class ServerProcess:
         if self.running:
             return
         self._log = self._log_path.open("ab")
-        self._proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while not self._ready():
             if self._proc.poll() is not None:
@@ -77,6 +84,16 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError(f"{self.name} did not answer within {timeout} s:\n{self.log_tail()}")
             time.sleep(POLL_INTERVAL)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no graceful shutdown."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after `timeout`); its data dir stays."""
@@ -209,3 +226,50 @@ async def kvstore(kvconnect: KVConnect) -> KVStore:
 def bucket() -> str:
     """A bucket name no other test uses, so tests share servers without seeing each other's keys."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+# --- cilia's own services as processes -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def http_ready(port: int, path: str = "/readyz") -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
+                return bool(response.status == 200)
+        except (OSError, ValueError):
+            return False
+
+    return ready
+
+
+ServiceFactory = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[ServiceFactory]:
+    """Starts `python -m services.<name>` with CILIA_* settings on a free port; all stop after the test.
+
+    `start_service("identity", CILIA_NATS_URL=..., ...)` returns the process once /readyz answers
+    200; `.url` is its http:// address. Pass `wait=False` to return once it is started.
+    """
+    started: list[ServerProcess] = []
+
+    def start(name: str, wait: bool = True, **settings: str) -> ServerProcess:
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO), "CILIA_HTTP_ADDR": f"127.0.0.1:{port}", **settings}
+        argv = [str(VENV_BIN / "python"), "-m", f"services.{name}"]
+        ready = http_ready(port) if wait else http_ready(port, "/healthz")
+        proc = ServerProcess(
+            f"cilia-{name}", argv, f"http://127.0.0.1:{port}", ready, tmp_path / f"{name}-{port}.log", env
+        )
+        started.append(proc)
+        proc.start()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in reversed(started):
+            proc.stop()

@@ -1,0 +1,43 @@
+"""`cilia auth init`: generate credentials (tokens per role, NATS users) and a nats-server config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cilia import auth as authmod
+
+
+@click.group()
+def auth() -> None:
+    """Credentials for the services (ARCHITECTURE.md §10)."""
+
+
+@auth.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="where to write credentials.yaml and nats.conf",
+)
+@click.option("--nats-host", default="127.0.0.1", show_default=True)
+@click.option("--nats-port", type=int, default=4222, show_default=True)
+@click.option("--force", is_flag=True, help="replace existing credentials")
+def init_cmd(directory: Path, nats_host: str, nats_port: int, force: bool) -> None:
+    """Generate fresh random credentials, once: an existing credentials.yaml is kept unless --force."""
+    creds_path = directory / "credentials.yaml"
+    if creds_path.exists() and not force:
+        creds = authmod.load(creds_path)
+        click.echo(f"keeping existing {creds_path}")
+    else:
+        creds = authmod.generate()
+        authmod.write(creds, creds_path)
+        click.echo(f"wrote {creds_path} (mode 0600)")
+    conf = directory / "nats.conf"
+    store = directory / "jetstream"
+    conf.write_text(authmod.nats_config(creds, nats_host, nats_port, store))
+    conf.chmod(0o600)
+    click.echo(f"wrote {conf}")
+    click.echo(f"export CILIA_TOKEN_FILE={creds_path}")

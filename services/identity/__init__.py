@@ -1,0 +1,1 @@
+"""The identity service: label sets -> numeric security identities, cluster-wide."""

@@ -1,0 +1,1 @@
+"""The policy service: the policy repository — validate, store, revision, distribute, trace."""
