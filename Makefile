@@ -26,6 +26,7 @@ unit: bootstrap
 
 bench: bootstrap
 	$(PY) bench/engine.py
+	$(PY) bench/control_plane.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache bench/out

@@ -192,3 +192,31 @@ async def test_concurrent_allocation_gives_one_number_per_label_set_even_when_a_
         assert by_labels == set(numbers)
     finally:
         await kv.close()
+
+
+async def test_a_new_identity_is_announced_on_the_identity_events_subject(
+    start_service: ServiceFactory, nats_server: ServerProcess, bucket: str
+) -> None:
+    from services.identity.models import IdentityEvent
+
+    start_service("identity", **env(nats_server.url, "nats", bucket))
+    nc = await nats.connect(nats_server.url)
+    events: list[IdentityEvent] = []
+
+    async def on_event(msg: Any) -> None:
+        events.append(IdentityEvent.model_validate_json(msg.data))
+
+    try:
+        await nc.subscribe(bus.IDENTITY_EVENTS, cb=on_event)
+        await nc.flush()
+        labels = [f"k8s:app=evt-{bucket}"]
+        first = await bus.request(nc, bus.IDENTITY_ALLOCATE, AllocateRequest(labels=labels), IdentityReply)
+        await bus.request(nc, bus.IDENTITY_ALLOCATE, AllocateRequest(labels=labels), IdentityReply)
+
+        async def announced() -> bool:
+            return any(e.id == first.id for e in events)
+
+        await eventually(announced, what="an identity event")
+        assert [e.type for e in events if e.id == first.id] == ["added"]  # once, not per request
+    finally:
+        await nc.close()
