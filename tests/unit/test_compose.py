@@ -7,9 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import compose
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # The package's console script always exits 0; its bundled binary is the real `docker compose`.
