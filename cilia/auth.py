@@ -149,6 +149,8 @@ def permissions(role: str) -> dict[str, Any]:
             bus.IDENTITY_GET,
             f"{bus.FLOWS_PREFIX}.>",
             f"$JS.API.STREAM.INFO.{bus.FLOWS_STREAM}",
+            f"$JS.API.STREAM.CREATE.{bus.FLOWS_STREAM}",
+            f"$JS.API.STREAM.UPDATE.{bus.FLOWS_STREAM}",
         ]
         for b in (bus.BUCKET_ENDPOINTS, bus.BUCKET_IPCACHE, bus.BUCKET_NODES):
             pub += _kv_write(b)

@@ -81,13 +81,16 @@ def cli(ctx: click.Context, /, token: str | None, **urls: str | None) -> None:
 
 
 def register() -> None:
-    from cilia.cli import auth, identity, policy, resources, status
+    from cilia.cli import auth, bpf, endpoint, identity, observe, policy, resources, status
 
     cli.add_command(policy.policy)
     cli.add_command(resources.apply)
     cli.add_command(identity.identity)
     cli.add_command(status.status)
     cli.add_command(auth.auth)
+    cli.add_command(observe.observe)
+    cli.add_command(endpoint.endpoint)
+    cli.add_command(bpf.bpf)
 
 
 def main() -> None:

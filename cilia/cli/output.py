@@ -9,9 +9,10 @@ from typing import Any
 import yaml
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], upper: bool = True) -> str:
     """Columns left-aligned and separated by three spaces, headers in capitals, as kubectl prints."""
-    cells = [[str(h).upper() for h in headers], *[["" if c is None else str(c) for c in row] for row in rows]]
+    head = [str(h).upper() if upper else str(h) for h in headers]
+    cells = [head, *[["" if c is None else str(c) for c in row] for row in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for r in cells:

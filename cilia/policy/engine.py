@@ -36,12 +36,25 @@ class PolicyEngine:
     """Map states for the endpoints of an inventory under a policy repository."""
 
     def __init__(
-        self, inventory: Inventory, options: PolicyOptions | None = None, repository: Repository | None = None
+        self,
+        inventory: Inventory,
+        options: PolicyOptions | None = None,
+        repository: Repository | None = None,
+        previous: IPCache | None = None,
     ) -> None:
         self.inventory = inventory
         self.options = options or PolicyOptions()
         self.repo = repository or Repository()
-        self.ipcache = IPCache.build(inventory, self.repo.rules())
+        fqdn = (
+            {
+                info.net.network_address: info.names
+                for info in previous.identities.values()
+                if info.names and info.net
+            }
+            if previous
+            else None
+        )
+        self.ipcache = IPCache.build(inventory, self.repo.rules(), fqdn, previous=previous)
         self.cache = SelectorCache(self.ipcache.identities.values())
         self.policies: dict[SubjectKey, EndpointPolicy] = {}
         self._users: dict[Selectable, set[SubjectKey]] = {}

@@ -43,6 +43,7 @@ class Workload:
     named_ports: NamedPorts = field(default_factory=dict)
     service_account: str = "default"
     node: str | None = None
+    identity: int | None = None  # the identity service's number, when known
 
     @property
     def key(self) -> str:
@@ -116,7 +117,12 @@ class Inventory:
             self.by_ip[w.ip] = w
         labels = workload_identity_labels(w, self.namespaces.get(w.namespace), self.cluster)
         self._labels[w.key] = labels
-        if labels not in self._ids_by_labels:
+        if w.identity is not None:
+            self._ids_by_labels[labels] = w.identity
+            self._next_id = max(self._next_id, w.identity + 1)
+        elif labels not in self._ids_by_labels:
+            while self._next_id in self._ids_by_labels.values():
+                self._next_id += 1
             self._ids_by_labels[labels] = self._next_id
             self._next_id += 1
 

@@ -41,6 +41,7 @@ class IPCache:
     prefixes: dict[IPNetwork, int] = field(default_factory=dict)
     endpoints: dict[IPAddress, int] = field(default_factory=dict)
     _next_local: int = MIN_LOCAL_IDENTITY
+    _numbers: dict[IPNetwork, int] = field(default_factory=dict)  # numbers to reuse for known prefixes
 
     @classmethod
     def build(
@@ -48,8 +49,13 @@ class IPCache:
         inventory: Inventory,
         rules: Iterable[CompiledRule] = (),
         fqdn_ips: Mapping[IPAddress, Iterable[str]] | None = None,
+        previous: IPCache | None = None,
     ) -> IPCache:
+        """Build the ipcache; with `previous`, CIDR identities keep their numbers (no churn in maps)."""
         cache = cls()
+        if previous is not None:
+            cache._next_local = previous._next_local
+            cache._numbers = dict(previous.prefixes)
         for num, labels in reserved_identities().items():
             if num == HOST:
                 labels = inventory.host_labels()
@@ -72,8 +78,10 @@ class IPCache:
         for net in sorted(set(nets), key=lambda n: (n.version, n.prefixlen, int(n.network_address))):
             if net in self.prefixes:
                 continue
-            num = self._next_local
-            self._next_local += 1
+            num = self._numbers.get(net, 0)
+            if not num:
+                num = self._next_local
+                self._next_local += 1
             self.prefixes[net] = num
             self.identities[num] = IdentityInfo(num, cidr_identity_labels(net), net)
             added.append(num)

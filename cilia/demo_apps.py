@@ -1,0 +1,87 @@
+"""Tiny workloads for the demo and the end-to-end tests: the Death Star's landing service, and TCP/UDP
+echo servers. Run inside an endpoint:  cilia endpoint exec default/deathstar-1 -- python3 -m cilia.demo_apps http --port 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import socketserver
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Landing(BaseHTTPRequestHandler):
+    """`POST /v1/request-landing` -> `Ship landed`; `PUT /v1/exhaust-port` -> a panic; else 404."""
+
+    server_version = "deathstar/1.0"
+
+    def _send(self, code: int, body: str) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _read_body(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+
+    def do_POST(self) -> None:
+        self._read_body()
+        if self.path == "/v1/request-landing":
+            self._send(200, "Ship landed\n")
+        else:
+            self._send(404, "Not found\n")
+
+    def do_PUT(self) -> None:
+        self._read_body()
+        if self.path == "/v1/exhaust-port":
+            self._send(503, "Panic: deathstar exploded\n")
+        else:
+            self._send(404, "Not found\n")
+
+    def do_GET(self) -> None:
+        self._send(200, f"deathstar {self.path}\n")
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        return
+
+
+class TCPEcho(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        while line := self.rfile.readline():
+            self.wfile.write(line)
+            self.wfile.flush()
+
+
+class UDPEcho(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
+class ThreadingTCP(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="demo workloads")
+    parser.add_argument("kind", choices=["http", "tcp-echo", "udp-echo"])
+    parser.add_argument("--port", type=int, default=80)
+    parser.add_argument("--bind", default="0.0.0.0")
+    args = parser.parse_args(argv)
+    if args.kind == "http":
+        ThreadingHTTPServer.allow_reuse_address = True
+        ThreadingHTTPServer((args.bind, args.port), Landing).serve_forever()
+    elif args.kind == "tcp-echo":
+        ThreadingTCP((args.bind, args.port), TCPEcho).serve_forever()
+    else:
+        socketserver.ThreadingUDPServer((args.bind, args.port), UDPEcho).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

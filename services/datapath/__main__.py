@@ -1,0 +1,3 @@
+from services.datapath.main import main
+
+main()

@@ -1,0 +1,548 @@
+"""The datapath agent of one node: endpoints, their identities and map state, written to the BPF maps.
+
+Domain logic only (no FastAPI, no NATS): identities come from an injected allocator, cluster state
+from an injected kvstore. The policy engine computes each endpoint's map state; the agent writes
+only what differs from what the maps hold. Until the first policy snapshot arrives the maps are
+left as they are, so a restarted agent never opens what the previous one closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, ip_address
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from cilia.errors import CiliaError
+from cilia.identity import HOST
+from cilia.labelfilter import identity_labels
+from cilia.models.loader import parse_document
+from cilia.policy.context import PolicyOptions
+from cilia.policy.engine import PolicyEngine, SubjectKey
+from cilia.policy.inventory import Inventory, Workload, workload_identity_labels
+from cilia.policy.l7 import PARSER_DNS, PARSER_HTTP
+from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
+from cilia.policy.repository import PolicyKey, Repository
+from cilia.policy.rules import EGRESS, INGRESS
+from cilia.policy.translate import PolicyResource
+from services.datapath import loader, maps, plumbing
+from services.datapath.ipam import Ipam
+
+log = logging.getLogger("cilia.datapath")
+
+Allocate = Callable[[list[str]], Awaitable[int]]
+Release = Callable[[int], Awaitable[None]]
+
+
+class EndpointError(CiliaError):
+    """An endpoint request cannot be done as asked."""
+
+
+class EndpointSpec(BaseModel):
+    """What `POST /v1/endpoints` and `cilia endpoint add` ask for."""
+
+    namespace: str = "default"
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    ip: str | None = None
+    netns: str | None = Field(default=None, description="adopt this existing network namespace (a path)")
+    named_ports: dict[str, int | str] = Field(default_factory=dict, alias="namedPorts")
+    service_account: str = Field(default="default", alias="serviceAccount")
+
+    model_config = {"populate_by_name": True}
+
+
+class EndpointRecord(BaseModel):
+    """A local endpoint as the agent keeps it (state file, kvstore, API)."""
+
+    namespace: str
+    name: str
+    labels: dict[str, str]
+    ip: str
+    ep_id: int
+    identity: int
+    identity_labels: list[str]
+    node: str
+    named_ports: dict[str, tuple[int, int]] = Field(default_factory=dict)
+    service_account: str = "default"
+    network: dict[str, Any]
+    state: str = "ready"
+    created: float = Field(default_factory=time.time)
+    ingress_enforced: bool = False
+    egress_enforced: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def net(self) -> plumbing.EndpointNetwork:
+        return plumbing.EndpointNetwork.from_dict(self.network)
+
+    def workload(self) -> Workload:
+        return Workload(
+            self.namespace,
+            self.name,
+            dict(self.labels),
+            ip_address(self.ip),
+            dict(self.named_ports),
+            self.service_account,
+            self.node,
+            self.identity,
+        )
+
+
+def record_to_workload(doc: Mapping[str, Any]) -> Workload | None:
+    """A cluster endpoint record (any node) as an engine workload; None if malformed."""
+    try:
+        return EndpointRecord.model_validate(doc).workload()
+    except Exception:
+        return None
+
+
+EntryTuple = tuple[int, int, int, int, int]  # proxy_port, deny, plen, priority, cookie
+
+
+@dataclass
+class AgentState:
+    endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
+    next_ep_id: int = 1
+
+
+class Agent:
+    """Owns the node's endpoints and keeps the BPF maps in step with policy and cluster state."""
+
+    def __init__(
+        self,
+        node: str,
+        pin_root: Path,
+        state_dir: Path,
+        pod_cidr: IPv4Network,
+        allocate: Allocate,
+        release: Release | None = None,
+        node_netns: str | None = None,
+        options: PolicyOptions | None = None,
+        proxy_ports: Mapping[str, int] | None = None,
+    ) -> None:
+        self.node = node
+        self.pin_root = pin_root
+        self.state_dir = state_dir
+        self.node_netns = node_netns
+        self.allocate = allocate
+        self.release = release
+        self.options = options or PolicyOptions()
+        self.ipam = Ipam(pod_cidr)
+        self.state = AgentState()
+        self.lock = asyncio.Lock()
+        self.programs: loader.LoadedPrograms | None = None
+        self.maps: maps.DatapathMaps | None = None
+        self.policies: dict[PolicyKey, dict[str, Any]] = {}
+        self.policies_synced = False
+        self.cluster: dict[str, Workload] = {}  # every endpoint of the cluster, by ns/name@node
+        self.node_ips: set[str] = set()
+        self.engine: PolicyEngine | None = None
+        self.repo = Repository()
+        # parser -> proxy port (DNS and HTTP proxies register theirs through the node-local API)
+        self.proxy_ports: dict[str, int] = dict(proxy_ports or {})
+        self.revision = 0
+        self.regenerations = 0
+        self.listeners: list[Callable[[EndpointRecord, str], Awaitable[None]]] = []
+
+    # --- start-up and restore ------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "endpoints.json"
+
+    def _save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "next_ep_id": self.state.next_ep_id,
+            "endpoints": [r.model_dump(mode="json") for r in self.state.endpoints.values()],
+        }
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(self.state_file)
+
+    async def start(self) -> None:
+        """Load (or reuse) the programs, open the maps, restore endpoints of a previous run."""
+        self.programs = await asyncio.to_thread(loader.load, self.pin_root)
+        self.maps = maps.DatapathMaps.open(self.pin_root)
+        self.node_ips = {str(a) for a in await asyncio.to_thread(plumbing.node_addresses, self.node_netns)}
+        await self._restore()
+        await asyncio.to_thread(self._write_node_ipcache)
+
+    async def _restore(self) -> None:
+        if not self.state_file.exists():
+            return
+        doc = json.loads(self.state_file.read_text())
+        self.state.next_ep_id = int(doc.get("next_ep_id", 1))
+        for raw in doc.get("endpoints", []):
+            rec = EndpointRecord.model_validate(raw)
+            found = await asyncio.to_thread(plumbing.find_endpoint, rec.net)
+            if found is None:
+                log.warning(
+                    "event=endpoint-gone endpoint=%s (its interfaces disappeared while the agent was down)",
+                    rec.key,
+                )
+                await asyncio.to_thread(self._forget_in_maps, rec)
+                continue
+            rec = rec.model_copy(update={"network": found.to_dict()})
+            self.ipam.claim(IPv4Address(rec.ip), rec.key)
+            assert self.programs is not None
+            await asyncio.to_thread(loader.attach, self.programs, found.host_ifname, self.node_netns)
+            self.state.endpoints[rec.key] = rec
+            log.info(
+                "event=endpoint-restored endpoint=%s ep_id=%d identity=%d", rec.key, rec.ep_id, rec.identity
+            )
+        self._save()
+
+    def _forget_in_maps(self, rec: EndpointRecord) -> None:
+        assert self.maps is not None
+        self.maps.endpoint_delete(rec.ip)
+        self.maps.policy_flush(rec.ep_id)
+
+    def _write_node_ipcache(self) -> None:
+        assert self.maps is not None
+        for ip in self.node_ips:
+            self.maps.ipcache_set(f"{ip}/32", HOST)
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    def endpoints(self) -> list[EndpointRecord]:
+        return sorted(self.state.endpoints.values(), key=lambda r: r.ep_id)
+
+    def get(self, namespace: str, name: str) -> EndpointRecord | None:
+        return self.state.endpoints.get(f"{namespace}/{name}")
+
+    async def add_endpoint(self, spec: EndpointSpec) -> EndpointRecord:
+        """Create (or adopt) the endpoint's namespace and veth, give it an identity, attach the
+        programs, and write its map state before it may send its first packet."""
+        key = f"{spec.namespace}/{spec.name}"
+        async with self.lock:
+            if key in self.state.endpoints:
+                raise EndpointError(f"endpoint {key} already exists on node {self.node}")
+            from cilia.policy.inventory import parse_named_ports
+
+            try:
+                named = parse_named_ports(spec.named_ports)
+            except (ValueError, KeyError) as err:
+                raise EndpointError(f"endpoint {key}: namedPorts: {err}") from None
+            ip = self.ipam.claim(spec.ip, key) if spec.ip else self.ipam.allocate(key)
+            try:
+                probe = Workload(
+                    spec.namespace, spec.name, dict(spec.labels), ip, named, spec.service_account, self.node
+                )
+                labels = workload_identity_labels(probe).sorted_strings()
+                identity = await self.allocate(labels)
+                net = await asyncio.to_thread(
+                    plumbing.create_endpoint, spec.namespace, spec.name, ip, self.node_netns, spec.netns
+                )
+            except BaseException:
+                self.ipam.release(ip)
+                raise
+            ep_id = self.state.next_ep_id
+            self.state.next_ep_id += 1
+            rec = EndpointRecord(
+                namespace=spec.namespace,
+                name=spec.name,
+                labels=dict(spec.labels),
+                ip=str(ip),
+                ep_id=ep_id,
+                identity=identity,
+                identity_labels=labels,
+                node=self.node,
+                named_ports=named,
+                service_account=spec.service_account,
+                network=net.to_dict(),
+            )
+            try:
+                assert self.programs is not None
+                await asyncio.to_thread(loader.attach, self.programs, net.host_ifname, self.node_netns)
+                self.state.endpoints[key] = rec
+                self.cluster[self._cluster_key(rec)] = rec.workload()
+                if self.policies_synced:
+                    await self._regenerate_locked(rebuild=True)
+                else:
+                    # No policy snapshot yet: deny everything until one arrives (fail closed).
+                    await asyncio.to_thread(self._write_endpoint, rec, True, True)
+                self._save()
+            except BaseException:
+                self.state.endpoints.pop(key, None)
+                self.cluster.pop(self._cluster_key(rec), None)
+                await asyncio.to_thread(self._forget_in_maps, rec)
+                await asyncio.to_thread(plumbing.delete_endpoint, net)
+                self.ipam.release(ip)
+                raise
+        log.info("event=endpoint-added endpoint=%s ip=%s ep_id=%d identity=%d", key, ip, ep_id, identity)
+        for listener in self.listeners:
+            await listener(rec, "added")
+        return self.state.endpoints[key]
+
+    async def delete_endpoint(self, namespace: str, name: str) -> EndpointRecord:
+        key = f"{namespace}/{name}"
+        async with self.lock:
+            rec = self.state.endpoints.get(key)
+            if rec is None:
+                raise EndpointError(f"endpoint {key} not found on node {self.node}")
+            await asyncio.to_thread(self._forget_in_maps, rec)
+            net = rec.net
+            await asyncio.to_thread(loader.detach, net.host_ifname, self.node_netns)
+            await asyncio.to_thread(plumbing.delete_endpoint, net)
+            self.ipam.release(IPv4Address(rec.ip))
+            del self.state.endpoints[key]
+            self.cluster.pop(self._cluster_key(rec), None)
+            self._save()
+            if self.policies_synced:
+                await self._regenerate_locked(rebuild=True)
+        log.info("event=endpoint-deleted endpoint=%s", key)
+        if self.release is not None:
+            try:
+                await self.release(rec.identity)
+            except Exception as err:  # the identity service collects it after its grace period anyway
+                log.warning("event=identity-release-failed id=%d error=%r", rec.identity, str(err))
+        for listener in self.listeners:
+            await listener(rec, "deleted")
+        return rec
+
+    def _cluster_key(self, rec: EndpointRecord) -> str:
+        return f"{rec.namespace}/{rec.name}@{rec.node}"
+
+    # --- policy and cluster state -------------------------------------------------------------
+
+    async def set_policies(self, manifests: Mapping[PolicyKey, Mapping[str, Any]], revision: int = 0) -> None:
+        """The full set of policies (a kvstore snapshot or its latest state): apply what changed."""
+        async with self.lock:
+            wanted = {k: dict(v) for k, v in manifests.items()}
+            changed = [k for k, v in wanted.items() if self.policies.get(k) != v]
+            removed = [k for k in self.policies if k not in wanted]
+            objs: list[PolicyResource] = []
+            for k in changed:
+                try:
+                    objs.append(parse_document(wanted[k]))  # type: ignore[arg-type]
+                except CiliaError as err:
+                    log.error("event=policy-invalid policy=%s error=%r (skipped)", "/".join(k), str(err))
+                    wanted.pop(k)
+            first = not self.policies_synced
+            self.policies = wanted
+            self.policies_synced = True
+            self.revision = revision or self.revision + 1
+            if first or self.engine is None:
+                self.repo = Repository()
+                self.repo.apply([parse_document(v) for v in wanted.values()])  # type: ignore[misc]
+                await self._regenerate_locked(rebuild=True)
+                return
+            for k in removed:
+                self.engine.delete(k)
+            if objs:
+                self.engine.apply(objs)
+            self.repo = self.engine.repo
+            await self._regenerate_locked(rebuild=False)
+
+    async def set_cluster_endpoints(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Every endpoint of the cluster (from the kvstore): identities and named ports for selectors."""
+        async with self.lock:
+            cluster: dict[str, Workload] = {}
+            for doc in records:
+                w = record_to_workload(doc)
+                if w is not None:
+                    cluster[f"{w.namespace}/{w.name}@{w.node}"] = w
+            for rec in self.state.endpoints.values():
+                cluster[self._cluster_key(rec)] = rec.workload()
+            if {k: (w.identity, w.ip) for k, w in cluster.items()} == {
+                k: (w.identity, w.ip) for k, w in self.cluster.items()
+            }:
+                return
+            self.cluster = cluster
+            if self.policies_synced:
+                await self._regenerate_locked(rebuild=True)
+            else:
+                await asyncio.to_thread(self._write_ipcache)
+
+    def inventory(self) -> Inventory:
+        workloads = list(self.cluster.values())
+        for rec in self.state.endpoints.values():
+            workloads.append(rec.workload())
+        seen: dict[str, Workload] = {}
+        for w in workloads:
+            seen[f"{w.namespace}/{w.name}"] = w
+        return Inventory(seen.values())
+
+    async def regenerate(self) -> int:
+        """Recompute every local endpoint's map state and write the difference; returns entries written."""
+        async with self.lock:
+            return await self._regenerate_locked(rebuild=True)
+
+    async def _regenerate_locked(self, rebuild: bool) -> int:
+        if rebuild or self.engine is None:
+            previous = self.engine.ipcache if self.engine is not None else None
+            self.engine = PolicyEngine(self.inventory(), self.options, self.repo, previous=previous)
+            await asyncio.to_thread(self.engine.compute_all)
+        written = await asyncio.to_thread(self._write_all)
+        self.regenerations += 1
+        return written
+
+    def policy_of(self, rec: EndpointRecord) -> EndpointPolicy | None:
+        if self.engine is None:
+            return None
+        w = rec.workload()
+        key: SubjectKey = (rec.identity, frozenset(w.named_ports.items()))
+        if key not in self.engine.policies:
+            if key not in self.engine.subjects:
+                return None
+            return self.engine.policy_for(w)
+        return self.engine.policies[key]
+
+    # --- writing maps -------------------------------------------------------------------------
+
+    def _desired(self, policy: EndpointPolicy) -> dict[MapKey, tuple[MapEntry, EntryTuple]]:
+        out = {}
+        for key, entry in policy.entries.items():
+            c = maps.policy_entry_c(key, entry, self.proxy_ports)
+            out[key] = (
+                entry,
+                (
+                    int(c.proxy_port),
+                    int(c.deny),
+                    int(c.lpm_prefix_length),
+                    int(c.proxy_priority),
+                    int(c.cookie),
+                ),
+            )
+        return out
+
+    def _write_endpoint(self, rec: EndpointRecord, ingress_enforced: bool, egress_enforced: bool) -> None:
+        assert self.maps is not None
+        net = rec.net
+        flags = (maps.EP_F_INGRESS_ENFORCED if ingress_enforced else 0) | (
+            maps.EP_F_EGRESS_ENFORCED if egress_enforced else 0
+        )
+        self.maps.endpoint_set(rec.ip, net.host_ifindex, rec.ep_id, rec.identity, flags, net.host_mac)
+
+    def _write_all(self) -> int:
+        """Write each local endpoint's policy diff (against what the map holds), then its flags."""
+        assert self.maps is not None
+        current: dict[int, dict[MapKey, EntryTuple]] = {}
+        for (ep_id, key), c in self.maps.policy_entries().items():
+            current.setdefault(ep_id, {})[key] = (
+                int(c.proxy_port),
+                int(c.deny),
+                int(c.lpm_prefix_length),
+                int(c.proxy_priority),
+                int(c.cookie),
+            )
+        written = 0
+        self._write_ipcache()
+        local_ids = set()
+        for rec in list(self.state.endpoints.values()):
+            policy = self.policy_of(rec)
+            if policy is None:
+                continue
+            local_ids.add(rec.ep_id)
+            desired = self._desired(policy)
+            have = current.get(rec.ep_id, {})
+            upserts = {k: e for k, (e, t) in desired.items() if have.get(k) != t}
+            deletes = {k for k in have if k not in desired}
+            # Entries first, flags last: a newly enforced direction never meets a half-written map.
+            self.maps.policy_write(rec.ep_id, upserts, deletes, self.proxy_ports)
+            written += len(upserts) + len(deletes)
+            ing, eg = policy.enforced(INGRESS), policy.enforced(EGRESS)
+            self._write_endpoint(rec, ing, eg)
+            if (ing, eg) != (rec.ingress_enforced, rec.egress_enforced):
+                self.state.endpoints[rec.key] = rec.model_copy(
+                    update={"ingress_enforced": ing, "egress_enforced": eg}
+                )
+        for ep_id in set(current) - local_ids:
+            self.maps.policy_flush(ep_id)  # entries of endpoints that no longer exist
+        return written
+
+    def _write_ipcache(self) -> None:
+        """Cluster endpoint IPs, the node's addresses, and the engine's CIDR identities."""
+        assert self.maps is not None
+        desired: dict[str, int] = {}
+        for w in self.cluster.values():
+            if w.ip is not None and w.identity is not None:
+                desired[f"{w.ip}/32"] = w.identity
+        for rec in self.state.endpoints.values():
+            desired[f"{rec.ip}/32"] = rec.identity
+        for ip in self.node_ips:
+            desired[f"{ip}/32"] = HOST
+        if self.engine is not None:
+            for net, num in self.engine.ipcache.prefixes.items():
+                if net.version == 4:
+                    desired.setdefault(str(net), num)
+        have = {prefix: ident for prefix, ident, _ in self.maps.ipcache_items()}
+        for prefix, ident in desired.items():
+            if have.get(prefix) != ident:
+                self.maps.ipcache_set(prefix, ident)
+        for prefix in set(have) - set(desired):
+            self.maps.ipcache_delete(prefix)
+
+    # --- proxies and FQDNs (the node-local API) -----------------------------------------------
+
+    async def register_proxy(self, parser: str, port: int) -> None:
+        if parser not in (PARSER_HTTP, PARSER_DNS):
+            raise EndpointError(f"unknown proxy type {parser!r} (http or dns)")
+        async with self.lock:
+            assert self.maps is not None
+            old = self.proxy_ports.get(parser)
+            self.proxy_ports[parser] = port
+            await asyncio.to_thread(self.maps.proxy_port_set, port)
+            if old is not None and old != port:
+                await asyncio.to_thread(self.maps.proxy_port_delete, old)
+            if self.policies_synced:
+                await asyncio.to_thread(self._write_all)
+
+    async def allow_fqdn_ips(self, ips: Mapping[str, list[str]]) -> int:
+        """The DNS proxy saw these names resolve to these IPs: open them for matching toFQDNs selectors."""
+        async with self.lock:
+            if self.engine is None:
+                return 0
+            update = await asyncio.to_thread(
+                self.engine.add_fqdn_ips, {ip_address(ip): names for ip, names in ips.items()}
+            )  # type: ignore[misc]
+            await asyncio.to_thread(self._write_all)
+            return sum(len(d) for d in update.diffs.values())
+
+    def identity_of_ip(self, ip: str) -> int:
+        for rec in self.state.endpoints.values():
+            if rec.ip == ip:
+                return rec.identity
+        for w in self.cluster.values():
+            if w.ip is not None and str(w.ip) == ip and w.identity is not None:
+                return w.identity
+        if ip in self.node_ips:
+            return HOST
+        if self.engine is not None:
+            return self.engine.ipcache.lookup(ip_address(ip))
+        return 2
+
+    def identity_labels(self, identity: int) -> list[str]:
+        if self.engine is not None:
+            info = self.engine.ipcache.identities.get(identity)
+            if info is not None:
+                return info.labels.sorted_strings()
+        return []
+
+    def reason_for_cookie(self, cookie: int) -> str | None:
+        if not cookie or self.engine is None:
+            return None
+        for policy in self.engine.policies.values():
+            for entry in policy.entries.values():
+                if maps.cookie_of(entry.reason) == cookie:
+                    return entry.reason
+        return None
+
+
+def filter_labels(labels: Mapping[str, str]) -> list[str]:
+    """The security-relevant `k8s:` labels of a label map, as Cilium strings."""
+    from cilia.labels import SOURCE_K8S, Label
+
+    return identity_labels(Label(SOURCE_K8S, k, v) for k, v in labels.items()).sorted_strings()

@@ -1,0 +1,119 @@
+/* Connection tracking: an entry per connection, keyed by its first packet's tuple. Replies (and
+ * only replies) of a known connection pass without a policy lookup. Entries age out by state. */
+#ifndef CILIA_CONNTRACK_H
+#define CILIA_CONNTRACK_H
+
+#include "common.h"
+#include "maps.h"
+
+#define NSEC 1000000000ULL
+#define CT_TIMEOUT_SYN         (60ULL * NSEC)      /* TCP, no reply yet */
+#define CT_TIMEOUT_ESTABLISHED (21600ULL * NSEC)   /* TCP, both directions seen */
+#define CT_TIMEOUT_CLOSING     (10ULL * NSEC)      /* TCP, FIN or RST seen */
+#define CT_TIMEOUT_OTHER       (60ULL * NSEC)      /* UDP, ICMP, SCTP */
+
+#define CT_NEW      0
+#define CT_ORIGINAL 1
+#define CT_REPLY    2
+
+static __always_inline __u64 ct_timeout(const struct ct_entry *e, __u8 proto)
+{
+	if (proto != IPPROTO_TCP)
+		return CT_TIMEOUT_OTHER;
+	if (e->flags & CT_F_CLOSING)
+		return CT_TIMEOUT_CLOSING;
+	if (e->flags & CT_F_REPLY_SEEN)
+		return CT_TIMEOUT_ESTABLISHED;
+	return CT_TIMEOUT_SYN;
+}
+
+static __always_inline void ct_key_of(const struct pkt *p, struct ct_key *k, int reverse)
+{
+	if (reverse) {
+		k->saddr = p->daddr;
+		k->daddr = p->saddr;
+		k->sport = p->dport;
+		k->dport = p->sport;
+	} else {
+		k->saddr = p->saddr;
+		k->daddr = p->daddr;
+		k->sport = p->sport;
+		k->dport = p->dport;
+	}
+	k->proto = p->proto;
+}
+
+/* Look the packet up; on a hit, refresh the entry and report whether its TCP flags are new for
+ * its direction (monitor aggregation: trace events only on connection setup and flag changes). */
+static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_flags)
+{
+	struct ct_key k = {};
+	struct ct_entry *e;
+
+	*new_flags = 0;
+	ct_key_of(p, &k, 0);
+	e = ct.lookup(&k);
+	if (e) {
+		if (now - e->last_seen > ct_timeout(e, p->proto)) {
+			ct.delete(&k);
+			return CT_NEW;
+		}
+		e->last_seen = now;
+		e->packets += 1;
+		e->bytes += p->len;
+		if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
+			e->flags |= CT_F_CLOSING;
+		if ((p->tcp_flags | e->tcp_flags_seen) != e->tcp_flags_seen) {
+			*new_flags = 1;
+			e->tcp_flags_seen |= p->tcp_flags;
+		}
+		return CT_ORIGINAL;
+	}
+	ct_key_of(p, &k, 1);
+	e = ct.lookup(&k);
+	if (e) {
+		if (now - e->last_seen > ct_timeout(e, p->proto)) {
+			ct.delete(&k);
+			return CT_NEW;
+		}
+		e->last_seen = now;
+		e->reply_packets += 1;
+		e->reply_bytes += p->len;
+		e->flags |= CT_F_REPLY_SEEN;
+		if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
+			e->flags |= CT_F_CLOSING;
+		if ((p->tcp_flags | e->tcp_flags_seen_reply) != e->tcp_flags_seen_reply) {
+			*new_flags = 1;
+			e->tcp_flags_seen_reply |= p->tcp_flags;
+		}
+		return CT_REPLY;
+	}
+	return CT_NEW;
+}
+
+static __always_inline void ct_create(const struct pkt *p, __u64 now, __u32 src_identity, __u32 dst_identity,
+				      __u32 src_ep, __u32 dst_ep, __u32 cookie, __u16 proxy_port)
+{
+	struct ct_key k = {};
+	struct ct_entry e = {};
+
+	ct_key_of(p, &k, 0);
+	e.created = now;
+	e.last_seen = now;
+	e.packets = 1;
+	e.bytes = p->len;
+	e.src_identity = src_identity;
+	e.dst_identity = dst_identity;
+	e.src_ep = src_ep;
+	e.dst_ep = dst_ep;
+	e.cookie = cookie;
+	e.proxy_port = proxy_port;
+	e.tcp_flags_seen = p->tcp_flags;
+	if (proxy_port)
+		e.flags |= CT_F_PROXIED;
+	if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
+		e.flags |= CT_F_CLOSING;
+	ct.update(&k, &e);
+}
+
+#endif

@@ -1,0 +1,118 @@
+"""The node-local API (ARCHITECTURE.md §3): the node's proxies talk to the datapath agent over a unix
+socket, one JSON object per line each way — never over NATS, so it works with the control plane down.
+
+Requests:
+  {"op": "register_proxy", "type": "dns"|"http", "port": 10053}        -> {"ok": true}
+  {"op": "allow_fqdn", "ips": {"198.51.100.10": ["api.github.com"]}}  -> {"ok": true, "written": 3}
+  {"op": "identity", "ip": "10.0.1.20"}                                -> {"ok": true, "identity": 25698, "labels": [...]}
+  {"op": "ping"}                                                       -> {"ok": true, "node": "..."}
+The answer to `allow_fqdn` is sent only after the maps are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from services.datapath.agent import Agent
+
+log = logging.getLogger("cilia.datapath.localapi")
+
+SOCKET_DIR = Path("/run/cilia")
+MAX_LINE = 1 << 20
+
+
+def socket_path(node: str) -> Path:
+    return SOCKET_DIR / f"{node}.sock"
+
+
+async def handle(agent: Agent, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    if op == "ping":
+        return {"ok": True, "node": agent.node}
+    if op == "register_proxy":
+        await agent.register_proxy(str(request.get("type")), int(request["port"]))
+        return {"ok": True}
+    if op == "allow_fqdn":
+        ips = request.get("ips") or {}
+        if not isinstance(ips, dict):
+            return {"ok": False, "error": "ips must map addresses to name lists"}
+        written = await agent.allow_fqdn_ips({str(k): [str(n) for n in v] for k, v in ips.items()})
+        return {"ok": True, "written": written}
+    if op == "identity":
+        ip = str(request.get("ip"))
+        ident = agent.identity_of_ip(ip)
+        return {"ok": True, "identity": ident, "labels": agent.identity_labels(ident)}
+    return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+async def serve(agent: Agent, path: Path) -> asyncio.AbstractServer:
+    """Listen on `path` (mode 0600: the node's root processes only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    request = json.loads(line)
+                    if not isinstance(request, dict):
+                        raise ValueError("a request is a JSON object")
+                    answer = await handle(agent, request)
+                except Exception as err:
+                    answer = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
+    os.chmod(path, 0o600)
+    return server
+
+
+class LocalClient:
+    """What a proxy uses: one connection, requests answered in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    async def request(self, payload: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
+        async with self._lock:
+            for attempt in range(2):
+                try:
+                    if self._writer is None:
+                        self._reader, self._writer = await asyncio.open_unix_connection(
+                            str(self.path), limit=MAX_LINE
+                        )
+                    assert self._reader is not None
+                    self._writer.write(json.dumps(payload).encode() + b"\n")
+                    await self._writer.drain()
+                    line = await asyncio.wait_for(self._reader.readline(), timeout)
+                    if not line:
+                        raise ConnectionError("the datapath agent closed the connection")
+                    answer: dict[str, Any] = json.loads(line)
+                    return answer
+                except (OSError, ConnectionError):
+                    await self.close()
+                    if attempt:
+                        raise
+        raise ConnectionError("unreachable")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None

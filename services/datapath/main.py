@@ -1,0 +1,296 @@
+"""Wiring of the datapath agent: programs and maps, endpoints API, policy and endpoint watches,
+identity allocation over NATS, the node-local API for proxies, events to flows, conntrack GC."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pydantic import Field
+
+from cilia import bus
+from cilia.kvstore import EventKind, KVStore
+from cilia.service import Service
+from cilia.settings import Settings
+from services.datapath import localapi, maps
+from services.datapath.agent import Agent, EndpointRecord
+from services.datapath.eventtypes import DROP_REASONS, RawEvent
+from services.datapath.ringbuf import EventReader
+from services.identity.models import AllocateRequest, IdentityReply, ReleaseReply, ReleaseRequest
+from services.policy.store import key_of
+
+log = logging.getLogger("cilia.datapath")
+
+
+class DatapathSettings(Settings):
+    service: str = "datapath"
+    pod_cidr: IPv4Network = IPv4Network("10.200.0.0/24")
+    node_netns: str | None = None
+    pin_root: Path | None = None
+    policy_bucket: str = bus.BUCKET_POLICIES
+    endpoints_bucket: str = bus.BUCKET_ENDPOINTS
+    ct_gc_interval_seconds: float = Field(default=30.0, gt=0)
+    flow_buffer: int = Field(default=10000, gt=0)
+
+    def pins(self) -> Path:
+        return self.pin_root or maps.pin_root(self.node)
+
+    def agent_state_dir(self) -> Path:
+        return self.state_dir / self.node
+
+
+class BPFMetrics(Collector):
+    """Prometheus view of the datapath's per-CPU counters, read from the map at scrape time."""
+
+    def __init__(self, agent_ref: Any) -> None:
+        self.agent_ref = agent_ref
+
+    def collect(self) -> Any:
+        agent: Agent | None = self.agent_ref()
+        packets = CounterMetricFamily(
+            "cilia_datapath_packets",
+            "Packets by verdict, reason and direction",
+            labels=["verdict", "reason", "direction"],
+        )
+        nbytes = CounterMetricFamily(
+            "cilia_datapath_bytes",
+            "Bytes by verdict, reason and direction",
+            labels=["verdict", "reason", "direction"],
+        )
+        endpoints = GaugeMetricFamily("cilia_endpoints", "Local endpoints")
+        if agent is not None and agent.maps is not None:
+            for (reason, direction), (p, b) in agent.maps.metrics_totals().items():
+                verdict = "forwarded" if reason == 0 else "dropped"
+                text = "" if reason == 0 else DROP_REASONS.get(reason, str(reason))
+                d = {1: "ingress", 2: "egress"}.get(direction, "unknown")
+                packets.add_metric([verdict, text, d], p)
+                nbytes.add_metric([verdict, text, d], b)
+            endpoints.add_metric([], len(agent.endpoints()))
+        yield packets
+        yield nbytes
+        yield endpoints
+
+
+def build(settings: DatapathSettings | None = None) -> Service:
+    settings = settings or DatapathSettings()
+    service = Service(
+        "datapath",
+        settings,
+        "The datapath agent of a node: endpoints, eBPF programs and maps, flows.",
+        write_roles=("admin", "agent"),
+    )
+    holder: dict[str, Any] = {}
+    recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=settings.flow_buffer)
+    service.registry.register(BPFMetrics(lambda: holder.get("agent")))
+
+    from services.datapath.app import router
+
+    service.app.include_router(router(service, lambda: holder.get("agent")))
+
+    @service.app.get("/v1/flows", tags=["flows"], dependencies=[Depends(service.require_read())])
+    async def flows(last: int = 100) -> dict[str, Any]:
+        """The node's most recent flows (Hubble JSON), newest last."""
+        items = list(recent)[-last:] if last > 0 else []
+        return {"node": settings.node, "items": items}
+
+    async def allocate(labels: list[str]) -> int:
+        if service.nc is None:
+            raise RuntimeError("NATS is not connected: cannot allocate an identity")
+        reply = await bus.request(
+            service.nc,
+            bus.IDENTITY_ALLOCATE,
+            AllocateRequest(labels=labels, holder=settings.node),
+            IdentityReply,
+            5.0,
+        )
+        return reply.id
+
+    async def release(identity: int) -> None:
+        if service.nc is not None:
+            await bus.request(
+                service.nc,
+                bus.IDENTITY_RELEASE,
+                ReleaseRequest(id=identity, holder=settings.node),
+                ReleaseReply,
+                2.0,
+            )
+
+    agent = Agent(
+        settings.node,
+        settings.pins(),
+        settings.agent_state_dir(),
+        settings.pod_cidr,
+        allocate,
+        release,
+        settings.node_netns,
+    )
+
+    async def publish_endpoint(rec: EndpointRecord, what: str) -> None:
+        kv: KVStore | None = service.kv
+        if kv is None:
+            return
+        key = f"{settings.endpoints_bucket}/{settings.node}/{rec.namespace}/{rec.name}"
+        try:
+            if what == "deleted":
+                await kv.delete(key)
+            else:
+                await kv.put(key, rec.model_dump_json().encode())
+        except Exception as err:
+            log.warning("event=endpoint-publish-failed endpoint=%s error=%r", rec.key, str(err))
+
+    agent.listeners.append(publish_endpoint)
+
+    @service.on_start
+    async def start(svc: Service) -> None:
+        await agent.start()
+        holder["agent"] = agent
+        holder["local"] = await localapi.serve(agent, localapi.socket_path(settings.node))
+        # Republish this node's endpoints (a restart, or a kvstore that lost them).
+        for rec in agent.endpoints():
+            await publish_endpoint(rec, "added")
+
+    @service.on_stop
+    async def stop(svc: Service) -> None:
+        server = holder.get("local")
+        if server is not None:
+            server.close()
+        reader = holder.get("reader")
+        if reader is not None:
+            reader.stop()
+
+    @service.task
+    async def watch_policies(svc: Service) -> None:
+        """Policies from the kvstore: the full snapshot first, then every change."""
+        assert svc.kv is not None
+        prefix = f"{settings.policy_bucket}/items/"
+        snapshot: dict[tuple[str, str, str], dict[str, Any]] = {}
+        synced = False
+        async with svc.kv.watch(prefix) as events:
+            async for ev in events:
+                if ev.kind is EventKind.LIST_DONE:
+                    synced = True
+                elif ev.kind is EventKind.PUT:
+                    try:
+                        snapshot[key_of(ev.key)] = json.loads(ev.value)["manifest"]
+                    except (ValueError, KeyError) as err:
+                        log.warning("event=policy-record-invalid key=%s error=%r", ev.key, str(err))
+                        continue
+                else:
+                    snapshot.pop(key_of(ev.key), None)
+                if synced:
+                    await agent.set_policies(snapshot)
+
+    @service.task
+    async def watch_endpoints(svc: Service) -> None:
+        """Every node's endpoints: identities and addresses for selectors and the ipcache."""
+        assert svc.kv is not None
+        prefix = f"{settings.endpoints_bucket}/"
+        records: dict[str, dict[str, Any]] = {}
+        synced = False
+        async with svc.kv.watch(prefix) as events:
+            async for ev in events:
+                if ev.kind is EventKind.LIST_DONE:
+                    synced = True
+                elif ev.kind is EventKind.PUT:
+                    try:
+                        records[ev.key] = json.loads(ev.value)
+                    except ValueError:
+                        continue
+                else:
+                    records.pop(ev.key, None)
+                if synced:
+                    await agent.set_cluster_endpoints(records.values())
+
+    @service.task
+    async def events(svc: Service) -> None:
+        """Ring-buffer events -> flows: kept locally and published on `cilia.flows.<node>`."""
+        queue: asyncio.Queue[RawEvent] = asyncio.Queue(maxsize=65536)
+        reader = EventReader(settings.pins() / maps.EVENTS, queue, asyncio.get_running_loop())
+        holder["reader"] = reader
+        reader.start()
+        publisher = FlowPublisher(svc, settings.node)
+        while True:
+            raw = await queue.get()
+            try:
+                flow = build_flow_dict(agent, raw)
+            except Exception:
+                log.exception("event=flow-build-failed")
+                continue
+            recent.append(flow)
+            await publisher.publish(flow)
+
+    @service.task
+    async def ct_gc(svc: Service) -> None:
+        """Delete conntrack entries past their timeout (the datapath also ignores them on lookup)."""
+        while True:
+            await asyncio.sleep(settings.ct_gc_interval_seconds)
+            if agent.maps is not None:
+                removed = await asyncio.to_thread(gc_conntrack, agent.maps)
+                if removed:
+                    log.info("event=ct-gc removed=%d", removed)
+
+    return service
+
+
+NSEC = 1_000_000_000
+
+
+def ct_timeout(entry: maps.CTEntryC, proto: int) -> int:
+    if proto != 6:
+        return 60 * NSEC
+    if entry.flags & maps.CT_F_CLOSING:
+        return 10 * NSEC
+    if entry.flags & maps.CT_F_REPLY_SEEN:
+        return 21600 * NSEC
+    return 60 * NSEC
+
+
+def gc_conntrack(m: maps.DatapathMaps) -> int:
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    removed = 0
+    for key, entry in m.ct_items():
+        if now - int(entry.last_seen) > ct_timeout(entry, int(key.proto)):
+            removed += m.ct.delete(key)
+    return removed
+
+
+def build_flow_dict(agent: Agent, raw: RawEvent) -> dict[str, Any]:
+    from services.datapath.flowsource import flow_for
+
+    return flow_for(agent, raw)
+
+
+class FlowPublisher:
+    """Publishes flows on JetStream (stream CILIA_FLOWS); a NATS outage only costs flows, never policy."""
+
+    def __init__(self, service: Service, node: str) -> None:
+        self.service = service
+        self.node = node
+        self.ready = False
+        self.failed = 0
+
+    async def publish(self, flow: dict[str, Any]) -> None:
+        nc = self.service.nc
+        if nc is None or not nc.is_connected:
+            self.failed += 1
+            return
+        try:
+            from services.datapath.flowsource import publish_flow_dict
+
+            self.ready = await publish_flow_dict(nc, self.node, flow, self.ready)
+        except Exception as err:
+            self.failed += 1
+            log.debug("event=flow-publish-failed error=%r", str(err))
+
+
+def main() -> None:
+    build().run()
