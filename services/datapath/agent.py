@@ -32,7 +32,7 @@ from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
 from cilia.policy.repository import PolicyKey, Repository
 from cilia.policy.rules import EGRESS, INGRESS
 from cilia.policy.translate import PolicyResource
-from services.datapath import loader, maps, plumbing
+from services.datapath import loader, maps, plumbing, proxyrules
 from services.datapath.ipam import Ipam
 
 log = logging.getLogger("cilia.datapath")
@@ -151,8 +151,10 @@ class Agent:
         self.repo = Repository()
         # parser -> proxy port (DNS and HTTP proxies register theirs through the node-local API)
         self.proxy_ports: dict[str, int] = dict(proxy_ports or {})
+        self.proxies: dict[int, proxyrules.ProxyPort] = {}
         self.revision = 0
         self.regenerations = 0
+        self.applied: dict[str, int] = {}  # policies whose map state is written, with their revision
         self.listeners: list[Callable[[EndpointRecord, str], Awaitable[None]]] = []
 
     # --- start-up and restore ------------------------------------------------------------------
@@ -177,7 +179,19 @@ class Agent:
         self.maps = maps.DatapathMaps.open(self.pin_root)
         self.node_ips = {str(a) for a in await asyncio.to_thread(plumbing.node_addresses, self.node_netns)}
         await self._restore()
+        await asyncio.to_thread(self._reset_proxies)
         await asyncio.to_thread(self._write_node_ipcache)
+
+    def _reset_proxies(self) -> None:
+        """Proxies register again after an agent restart; until then their redirects fail closed."""
+        assert self.maps is not None
+        for port in self.maps.proxy_port_list():
+            self.maps.proxy_port_delete(port)
+        proxyrules.remove(self.node_netns)
+        live = {rec.ip for rec in self.state.endpoints.values()}
+        for ip, _info in self.maps.endpoint_items():
+            if ip not in live:
+                self.maps.endpoint_delete(ip)
 
     async def _restore(self) -> None:
         if not self.state_file.exists():
@@ -317,34 +331,42 @@ class Agent:
 
     # --- policy and cluster state -------------------------------------------------------------
 
-    async def set_policies(self, manifests: Mapping[PolicyKey, Mapping[str, Any]], revision: int = 0) -> None:
+    async def set_policies(
+        self,
+        manifests: Mapping[PolicyKey, Mapping[str, Any]],
+        revisions: Mapping[PolicyKey, int] | None = None,
+    ) -> None:
         """The full set of policies (a kvstore snapshot or its latest state): apply what changed."""
         async with self.lock:
-            wanted = {k: dict(v) for k, v in manifests.items()}
-            changed = [k for k, v in wanted.items() if self.policies.get(k) != v]
-            removed = [k for k in self.policies if k not in wanted]
-            objs: list[PolicyResource] = []
-            for k in changed:
-                try:
-                    objs.append(parse_document(wanted[k]))  # type: ignore[arg-type]
-                except CiliaError as err:
-                    log.error("event=policy-invalid policy=%s error=%r (skipped)", "/".join(k), str(err))
-                    wanted.pop(k)
-            first = not self.policies_synced
-            self.policies = wanted
-            self.policies_synced = True
-            self.revision = revision or self.revision + 1
-            if first or self.engine is None:
-                self.repo = Repository()
-                self.repo.apply([parse_document(v) for v in wanted.values()])  # type: ignore[misc]
-                await self._regenerate_locked(rebuild=True)
-                return
-            for k in removed:
-                self.engine.delete(k)
-            if objs:
-                self.engine.apply(objs)
-            self.repo = self.engine.repo
-            await self._regenerate_locked(rebuild=False)
+            await self._set_policies_locked(manifests)
+            self.applied = {"/".join(x for x in k if x): (revisions or {}).get(k, 0) for k in self.policies}
+
+    async def _set_policies_locked(self, manifests: Mapping[PolicyKey, Mapping[str, Any]]) -> None:
+        wanted = {k: dict(v) for k, v in manifests.items()}
+        changed = [k for k, v in wanted.items() if self.policies.get(k) != v]
+        removed = [k for k in self.policies if k not in wanted]
+        objs: list[PolicyResource] = []
+        for k in changed:
+            try:
+                objs.append(parse_document(wanted[k]))  # type: ignore[arg-type]
+            except CiliaError as err:
+                log.error("event=policy-invalid policy=%s error=%r (skipped)", "/".join(k), str(err))
+                wanted.pop(k)
+        first = not self.policies_synced
+        self.policies = wanted
+        self.policies_synced = True
+        self.revision += 1
+        if first or self.engine is None:
+            self.repo = Repository()
+            self.repo.apply([parse_document(v) for v in wanted.values()])  # type: ignore[misc]
+            await self._regenerate_locked(rebuild=True)
+            return
+        for k in removed:
+            self.engine.delete(k)
+        if objs:
+            self.engine.apply(objs)
+        self.repo = self.engine.repo
+        await self._regenerate_locked(rebuild=False)
 
     async def set_cluster_endpoints(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Every endpoint of the cluster (from the kvstore): identities and named ports for selectors."""
@@ -487,18 +509,47 @@ class Agent:
 
     # --- proxies and FQDNs (the node-local API) -----------------------------------------------
 
-    async def register_proxy(self, parser: str, port: int) -> None:
+    async def register_proxy(self, parser: str, port: int, mode: str = "dnat") -> None:
+        """A proxy listens on `port` for `parser` traffic: steer redirects there (nft + maps)."""
         if parser not in (PARSER_HTTP, PARSER_DNS):
             raise EndpointError(f"unknown proxy type {parser!r} (http or dns)")
+        if mode not in ("dnat", "tproxy"):
+            raise EndpointError(f"unknown redirect mode {mode!r} (dnat or tproxy)")
+        if not 0 < port < 65535:
+            raise EndpointError(f"invalid proxy port {port}")
         async with self.lock:
             assert self.maps is not None
             old = self.proxy_ports.get(parser)
             self.proxy_ports[parser] = port
-            await asyncio.to_thread(self.maps.proxy_port_set, port)
+            self.proxies[port] = proxyrules.ProxyPort(port, mode)
             if old is not None and old != port:
+                self.proxies.pop(old, None)
                 await asyncio.to_thread(self.maps.proxy_port_delete, old)
+            await asyncio.to_thread(self._apply_proxy_rules)
+            await asyncio.to_thread(self.maps.proxy_port_set, port)
             if self.policies_synced:
                 await asyncio.to_thread(self._write_all)
+        log.info("event=proxy-registered type=%s port=%d mode=%s", parser, port, mode)
+
+    async def unregister_proxy(self, port: int) -> None:
+        """The proxy on `port` went away: redirects to it fail closed again."""
+        async with self.lock:
+            assert self.maps is not None
+            await asyncio.to_thread(self.maps.proxy_port_delete, port)
+            self.proxies.pop(port, None)
+            for parser, p in list(self.proxy_ports.items()):
+                if p == port:
+                    del self.proxy_ports[parser]
+            await asyncio.to_thread(self._apply_proxy_rules)
+        log.info("event=proxy-unregistered port=%d", port)
+
+    def _apply_proxy_rules(self) -> None:
+        if not self.proxies:
+            proxyrules.remove(self.node_netns)
+            return
+        if not self.node_ips:
+            raise EndpointError("the node has no IPv4 address to redirect proxy traffic to")
+        proxyrules.apply(self.proxies, sorted(self.node_ips)[0], self.node_netns)
 
     async def allow_fqdn_ips(self, ips: Mapping[str, list[str]]) -> int:
         """The DNS proxy saw these names resolve to these IPs: open them for matching toFQDNs selectors."""

@@ -2,7 +2,8 @@
 socket, one JSON object per line each way — never over NATS, so it works with the control plane down.
 
 Requests:
-  {"op": "register_proxy", "type": "dns"|"http", "port": 10053}        -> {"ok": true}
+  {"op": "register_proxy", "type": "dns"|"http", "port": 10053, "mode": "tproxy"|"dnat"} -> {"ok": true}
+      (the registration lasts as long as the connection: a proxy that dies fails closed)
   {"op": "allow_fqdn", "ips": {"198.51.100.10": ["api.github.com"]}}  -> {"ok": true, "written": 3}
   {"op": "identity", "ip": "10.0.1.20"}                                -> {"ok": true, "identity": 25698, "labels": [...]}
   {"op": "ping"}                                                       -> {"ok": true, "node": "..."}
@@ -31,12 +32,15 @@ def socket_path(node: str) -> Path:
     return SOCKET_DIR / f"{node}.sock"
 
 
-async def handle(agent: Agent, request: dict[str, Any]) -> dict[str, Any]:
+async def handle(agent: Agent, request: dict[str, Any], registered: set[int] | None = None) -> dict[str, Any]:
     op = request.get("op")
     if op == "ping":
         return {"ok": True, "node": agent.node}
     if op == "register_proxy":
-        await agent.register_proxy(str(request.get("type")), int(request["port"]))
+        port = int(request["port"])
+        await agent.register_proxy(str(request.get("type")), port, str(request.get("mode", "dnat")))
+        if registered is not None:
+            registered.add(port)
         return {"ok": True}
     if op == "allow_fqdn":
         ips = request.get("ips") or {}
@@ -58,13 +62,16 @@ async def serve(agent: Agent, path: Path) -> asyncio.AbstractServer:
         path.unlink()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A proxy's registration lives as long as its connection: if the proxy dies, its
+        # redirects fail closed again.
+        registered: set[int] = set()
         try:
             while line := await reader.readline():
                 try:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("a request is a JSON object")
-                    answer = await handle(agent, request)
+                    answer = await handle(agent, request, registered)
                 except Exception as err:
                     answer = {"ok": False, "error": f"{type(err).__name__}: {err}"}
                 writer.write(json.dumps(answer).encode() + b"\n")
@@ -73,6 +80,9 @@ async def serve(agent: Agent, path: Path) -> asyncio.AbstractServer:
             pass
         finally:
             writer.close()
+            for port in registered:
+                with contextlib.suppress(Exception):
+                    await agent.unregister_proxy(port)
 
     server = await asyncio.start_unix_server(client, path=str(path), limit=MAX_LINE)
     os.chmod(path, 0o600)

@@ -102,6 +102,23 @@ def build(settings: DatapathSettings | None = None) -> Service:
         items = list(recent)[-last:] if last > 0 else []
         return {"node": settings.node, "items": items}
 
+    @service.app.get("/v1/datapath/status", tags=["datapath"], dependencies=[Depends(service.require_read())])
+    async def datapath_status() -> dict[str, Any]:
+        """Policies whose map state is written (with their revision), regenerations, endpoints, proxies."""
+        a: Agent | None = holder.get("agent")
+        if a is None:
+            return {"ready": False}
+        return {
+            "ready": True,
+            "node": a.node,
+            "policies_synced": a.policies_synced,
+            "policies": a.applied,
+            "regenerations": a.regenerations,
+            "endpoints": len(a.endpoints()),
+            "proxies": {str(p.port): p.mode for p in a.proxies.values()},
+            "programs": a.programs.hash if a.programs else None,
+        }
+
     async def allocate(labels: list[str]) -> int:
         if service.nc is None:
             raise RuntimeError("NATS is not connected: cannot allocate an identity")
@@ -173,6 +190,7 @@ def build(settings: DatapathSettings | None = None) -> Service:
         assert svc.kv is not None
         prefix = f"{settings.policy_bucket}/items/"
         snapshot: dict[tuple[str, str, str], dict[str, Any]] = {}
+        revisions: dict[tuple[str, str, str], int] = {}
         synced = False
         async with svc.kv.watch(prefix) as events:
             async for ev in events:
@@ -180,14 +198,17 @@ def build(settings: DatapathSettings | None = None) -> Service:
                     synced = True
                 elif ev.kind is EventKind.PUT:
                     try:
-                        snapshot[key_of(ev.key)] = json.loads(ev.value)["manifest"]
+                        doc = json.loads(ev.value)
+                        snapshot[key_of(ev.key)] = doc["manifest"]
+                        revisions[key_of(ev.key)] = int(doc.get("revision", 0))
                     except (ValueError, KeyError) as err:
                         log.warning("event=policy-record-invalid key=%s error=%r", ev.key, str(err))
                         continue
                 else:
                     snapshot.pop(key_of(ev.key), None)
+                    revisions.pop(key_of(ev.key), None)
                 if synced:
-                    await agent.set_policies(snapshot)
+                    await agent.set_policies(snapshot, revisions)
 
     @service.task
     async def watch_endpoints(svc: Service) -> None:

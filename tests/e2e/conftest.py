@@ -6,14 +6,28 @@ collide; endpoint namespaces are named after their node's, so they are unique to
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json as _json
 import os
+import signal as _signal
 import subprocess
+import time as _time
+import urllib.error as _urlerror
+import urllib.request as _urlrequest
+import uuid as _uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass as _dataclass
+from dataclasses import field as _field
 from ipaddress import IPv4Address
+from pathlib import Path as _Path
+from typing import Any as _Any
 
 import pytest
+from support.servers import REPO, VENV_BIN, ServerProcess, find_binary, free_port, http_ready, nats_ready
 
+from cilia import auth
+from services.datapath import loader, maps
 from services.datapath.plumbing import (
     NETNS_DIR,
     EndpointNetwork,
@@ -115,3 +129,278 @@ def make_endpoint(node_netns: str) -> Iterator[EndpointFactory]:
     for name in managed:
         if netns_exists(name):
             ip("netns", "delete", name, check=False)
+
+
+# --- a datapath node with its control plane -----------------------------------------------------
+
+E2E_NODE = f"e2e{os.getpid()}"  # one pin root (programs compiled once) for the whole session
+POD_CIDR = "10.201.0.0/24"
+POLL = 0.05
+
+
+def eventually(check: Callable[[], _Any], timeout: float = 10.0, what: str = "the condition") -> _Any:
+    """Poll `check()` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = _time.monotonic() + timeout
+    last: _Any = None
+    while _time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        _time.sleep(POLL)
+    pytest.fail(f"{what} did not happen within {timeout} s (last: {last!r})")
+
+
+@_dataclass
+class ControlPlane:
+    """NATS, the identity service and credentials, shared by the session's nodes."""
+
+    nats: ServerProcess
+    identity: ServerProcess
+    creds: auth.Credentials
+    creds_file: _Path
+
+    def ensure_running(self) -> None:
+        self.nats.start()
+        self.identity.start()
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    d = tmp_path_factory.mktemp("cp")
+    creds = auth.generate()
+    creds_file = auth.write(creds, d / "credentials.yaml")
+    port = free_port()
+    nats = ServerProcess(
+        "nats-server",
+        [find_binary("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(d / "js")],
+        f"nats://127.0.0.1:{port}",
+        nats_ready(port),
+        d / "nats.log",
+    )
+    hport = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CILIA_NATS_URL": nats.url,
+        "CILIA_TOKEN_FILE": str(creds_file),
+        "CILIA_HTTP_ADDR": f"127.0.0.1:{hport}",
+    }
+    identity = ServerProcess(
+        "cilia-identity",
+        [str(VENV_BIN / "python"), "-m", "services.identity"],
+        f"http://127.0.0.1:{hport}",
+        http_ready(hport),
+        d / "identity.log",
+        env,
+    )
+    cp = ControlPlane(nats, identity, creds, creds_file)
+    try:
+        nats.start()
+        identity.start()
+        yield cp
+    finally:
+        identity.stop()
+        nats.stop()
+
+
+@pytest.fixture(scope="session")
+def node_pins() -> Iterator[_Path]:
+    """The session node's bpffs directory: programs compiled once, removed at the end of the session."""
+    root = maps.pin_root(E2E_NODE)
+    loader.remove_pins(root)
+    try:
+        yield root
+    finally:
+        loader.remove_pins(root)
+
+
+@_dataclass
+class Node:
+    """A node namespace with its datapath agent (and a policy service of its own)."""
+
+    name: str
+    netns: str
+    cp: ControlPlane
+    agent: ServerProcess
+    policy: ServerProcess
+    state_dir: _Path
+    spawned: list[subprocess.Popen[bytes]] = _field(default_factory=list)
+
+    @property
+    def token(self) -> str:
+        return self.cp.creds.tokens["admin"]
+
+    def request(
+        self, base: str, method: str, path: str, body: _Any = None, ctype: str = "application/json"
+    ) -> tuple[int, _Any]:
+        data = None
+        if body is not None:
+            data = body.encode() if isinstance(body, str) else _json.dumps(body).encode()
+        req = _urlrequest.Request(f"{base}{path}", data=data, method=method)
+        req.add_header("content-type", ctype)
+        req.add_header("authorization", f"Bearer {self.token}")
+        try:
+            with _urlrequest.urlopen(req, timeout=30) as resp:
+                return resp.status, _json.loads(resp.read() or b"null")
+        except _urlerror.HTTPError as err:
+            return err.code, _json.loads(err.read() or b"null")
+
+    def api(self, method: str, path: str, body: _Any = None) -> tuple[int, _Any]:
+        return self.request(self.agent.url, method, path, body)
+
+    def add(
+        self, name: str, labels: dict[str, str], namespace: str = "default", **extra: _Any
+    ) -> dict[str, _Any]:
+        status, rec = self.api(
+            "POST", "/v1/endpoints", {"namespace": namespace, "name": name, "labels": labels, **extra}
+        )
+        if status != 200:
+            pytest.fail(f"adding endpoint {namespace}/{name} failed: {status} {rec}")
+        return dict(rec)
+
+    def endpoint(self, ref: str) -> dict[str, _Any]:
+        ns, _, name = ref.rpartition("/")
+        status, rec = self.api("GET", f"/v1/endpoints/{ns or 'default'}/{name}")
+        assert status == 200, rec
+        return dict(rec)
+
+    def argv(self, ref: str, *cmd: str) -> list[str]:
+        return ["nsenter", f"--net={self.endpoint(ref)['network']['netns_path']}", "--", *cmd]
+
+    def exec(
+        self, ref: str, *cmd: str, timeout: float = 20, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(ref, *cmd), capture_output=True, text=True, timeout=timeout, input=input
+        )
+
+    def spawn(self, ref: str, *cmd: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            self.argv(ref, *cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        self.spawned.append(proc)
+        return proc
+
+    def serve(self, ref: str, kind: str, port: int) -> subprocess.Popen[bytes]:
+        """Start a demo workload (http, tcp-echo, udp-echo) in the endpoint and wait until it listens."""
+        proc = self.spawn(ref, str(VENV_BIN / "python"), "-m", "cilia.demo_apps", kind, "--port", str(port))
+        flag = "-lun" if kind == "udp-echo" else "-ltn"
+        eventually(
+            lambda: f":{port} " in self.exec(ref, "ss", "-H", flag).stdout,
+            what=f"{kind} listening on {ref}:{port}",
+        )
+        return proc
+
+    def apply(self, text: str) -> int:
+        status, body = self.request(self.policy.url, "POST", "/v1/policies", text, "application/yaml")
+        assert status == 200, body
+        revision = int(body["revision"])
+        names = ["/".join(x for x in (c["kind"], c["namespace"], c["name"]) if x) for c in body["changes"]]
+        self.wait_applied(names, revision)
+        return revision
+
+    def delete_policy(self, name: str, kind: str = "CiliumNetworkPolicy", namespace: str = "default") -> None:
+        status, body = self.request(
+            self.policy.url, "DELETE", f"/v1/policies/{kind}/{name}?namespace={namespace}"
+        )
+        assert status == 200, body
+        key = "/".join(
+            x for x in (kind, "" if kind == "CiliumClusterwideNetworkPolicy" else namespace, name) if x
+        )
+        eventually(lambda: key not in self.status().get("policies", {}), what=f"the agent dropping {key}")
+
+    def status(self) -> dict[str, _Any]:
+        status, body = self.api("GET", "/v1/datapath/status")
+        return dict(body) if status == 200 and isinstance(body, dict) else {}
+
+    def wait_applied(self, names: list[str], revision: int, timeout: float = 10.0) -> None:
+        def done() -> bool:
+            applied = self.status().get("policies", {})
+            return all(applied.get(n, -1) >= revision for n in names)
+
+        eventually(done, timeout, what=f"the agent applying {names} at revision {revision}")
+
+    def flows(self, last: int = 1000) -> list[dict[str, _Any]]:
+        status, body = self.api("GET", f"/v1/flows?last={last}")
+        assert status == 200, body
+        return list(body["items"])
+
+    def maps(self) -> maps.DatapathMaps:
+        return maps.DatapathMaps.open(maps.pin_root(self.name))
+
+    def ip(self, ref: str) -> str:
+        return str(self.endpoint(ref)["ip"])
+
+    def cleanup(self) -> None:
+        for proc in self.spawned:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, _signal.SIGKILL)
+                proc.wait()
+        if self.agent.running:
+            status, body = self.api("GET", "/v1/endpoints")
+            for rec in (body or {}).get("items", []) if status == 200 else []:
+                self.api("DELETE", f"/v1/endpoints/{rec['namespace']}/{rec['name']}")
+        self.agent.stop()
+        self.policy.stop()
+        # Whatever the agent could not remove (it crashed): delete from its state file.
+        state = self.state_dir / self.name / "endpoints.json"
+        if state.exists():
+            for raw in _json.loads(state.read_text()).get("endpoints", []):
+                with contextlib.suppress(Exception):
+                    delete_endpoint(EndpointNetwork.from_dict(raw["network"]))
+
+
+@pytest.fixture
+def node(control_plane: ControlPlane, node_pins: _Path, tmp_path: _Path) -> Iterator[Node]:
+    """A fresh node namespace, a policy service with its own bucket, and a datapath agent."""
+    control_plane.ensure_running()
+    netns = unique_netns_name("cn")
+    ip("netns", "add", netns)
+    unique = _uuid.uuid4().hex[:10]
+    n: Node | None = None
+    try:
+        ip("link", "set", "lo", "up", netns=netns)
+        ip("addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo", netns=netns)
+        common = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "CILIA_NATS_URL": control_plane.nats.url,
+            "CILIA_TOKEN_FILE": str(control_plane.creds_file),
+            "CILIA_POLICY_BUCKET": f"pol{unique}",
+        }
+        pport = free_port()
+        policy = ServerProcess(
+            "cilia-policy",
+            [str(VENV_BIN / "python"), "-m", "services.policy"],
+            f"http://127.0.0.1:{pport}",
+            http_ready(pport),
+            tmp_path / "policy.log",
+            {**common, "CILIA_HTTP_ADDR": f"127.0.0.1:{pport}"},
+        )
+        policy.start()
+        aport = free_port()
+        agent = ServerProcess(
+            "cilia-datapath",
+            [str(VENV_BIN / "python"), "-m", "services.datapath"],
+            f"http://127.0.0.1:{aport}",
+            http_ready(aport),
+            tmp_path / "datapath.log",
+            {
+                **common,
+                "CILIA_HTTP_ADDR": f"127.0.0.1:{aport}",
+                "CILIA_NODE": E2E_NODE,
+                "CILIA_NODE_NETNS": netns,
+                "CILIA_POD_CIDR": POD_CIDR,
+                "CILIA_STATE_DIR": str(tmp_path / "state"),
+                "CILIA_ENDPOINTS_BUCKET": f"ep{unique}",
+            },
+        )
+        n = Node(E2E_NODE, netns, control_plane, agent, policy, tmp_path / "state")
+        agent.start(timeout=60)
+        eventually(lambda: n.status().get("policies_synced"), 20, "the agent's first policy snapshot")
+        yield n
+    finally:
+        if n is not None:
+            n.cleanup()
+        ip("netns", "delete", netns, check=False)
