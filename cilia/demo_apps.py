@@ -67,12 +67,32 @@ class ThreadingTCP(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
+def probe(proto: str, host: str, port: int, timeout: float) -> int:
+    """Exit 0 when a TCP connection opens (or a UDP echo answers) within `timeout` seconds, else 1."""
+    import socket
+
+    try:
+        if proto == "tcp":
+            with socket.create_connection((host, port), timeout=timeout):
+                return 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.sendto(b"probe\n", (host, port))
+            data, _ = sock.recvfrom(2048)
+            return 0 if data == b"probe\n" else 1
+    except OSError:
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="demo workloads")
-    parser.add_argument("kind", choices=["http", "tcp-echo", "udp-echo"])
+    parser.add_argument("kind", choices=["http", "tcp-echo", "udp-echo", "probe-tcp", "probe-udp"])
     parser.add_argument("--port", type=int, default=80)
-    parser.add_argument("--bind", default="0.0.0.0")
+    parser.add_argument("--bind", default="0.0.0.0", help="listen address, or the target of a probe")
+    parser.add_argument("--timeout", type=float, default=1.0)
     args = parser.parse_args(argv)
+    if args.kind.startswith("probe-"):
+        return probe(args.kind.removeprefix("probe-"), args.bind, args.port, args.timeout)
     if args.kind == "http":
         ThreadingHTTPServer.allow_reuse_address = True
         ThreadingHTTPServer((args.bind, args.port), Landing).serve_forever()

@@ -225,6 +225,9 @@ class Node:
     policy: ServerProcess
     state_dir: _Path
     spawned: list[subprocess.Popen[bytes]] = _field(default_factory=list)
+    records: dict[str, dict[str, _Any]] = _field(
+        default_factory=dict
+    )  # endpoints as added (usable with the agent down)
 
     @property
     def token(self) -> str:
@@ -256,6 +259,7 @@ class Node:
         )
         if status != 200:
             pytest.fail(f"adding endpoint {namespace}/{name} failed: {status} {rec}")
+        self.records[f"{namespace}/{name}"] = dict(rec)
         return dict(rec)
 
     def endpoint(self, ref: str) -> dict[str, _Any]:
@@ -265,7 +269,8 @@ class Node:
         return dict(rec)
 
     def argv(self, ref: str, *cmd: str) -> list[str]:
-        return ["nsenter", f"--net={self.endpoint(ref)['network']['netns_path']}", "--", *cmd]
+        rec = self.records.get(ref) or self.endpoint(ref)
+        return ["nsenter", f"--net={rec['network']['netns_path']}", "--", *cmd]
 
     def exec(
         self, ref: str, *cmd: str, timeout: float = 20, input: str | None = None
@@ -329,7 +334,7 @@ class Node:
         return maps.DatapathMaps.open(maps.pin_root(self.name))
 
     def ip(self, ref: str) -> str:
-        return str(self.endpoint(ref)["ip"])
+        return str((self.records.get(ref) or self.endpoint(ref))["ip"])
 
     def cleanup(self) -> None:
         for proc in self.spawned:

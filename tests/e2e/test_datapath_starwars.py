@@ -55,7 +55,9 @@ def test_the_drop_shows_as_a_flow_with_identities_and_the_rule(starwars: Node) -
         return [
             f
             for f in starwars.flows()
-            if f["verdict"] == "DROPPED" and f.get("drop_reason_desc") == "POLICY_DENIED" and f["source"].get("pod_name") == "xwing"
+            if f["verdict"] == "DROPPED"
+            and f.get("drop_reason_desc") == "POLICY_DENIED"
+            and f["source"].get("pod_name") == "xwing"
         ]
 
     drops = eventually(dropped, what="a policy drop flow from xwing")
@@ -68,7 +70,9 @@ def test_the_drop_shows_as_a_flow_with_identities_and_the_rule(starwars: Node) -
     verdicts = [
         f
         for f in starwars.flows()
-        if f.get("event_type", {}).get("type") == 5 and f["verdict"] == "DROPPED" and f["source"].get("pod_name") == "xwing"
+        if f.get("event_type", {}).get("type") == 5
+        and f["verdict"] == "DROPPED"
+        and f["source"].get("pod_name") == "xwing"
     ]
     assert verdicts and verdicts[0]["traffic_direction"] == "INGRESS"
     assert verdicts[0].get("policy_match_type") in (None, 0)  # "none": nothing matched
@@ -82,7 +86,9 @@ def test_allowed_connection_shows_the_rule_that_decided(starwars: Node) -> None:
         return [
             f
             for f in starwars.flows()
-            if f.get("event_type", {}).get("type") == 5 and f["verdict"] == "FORWARDED" and f["source"].get("pod_name") == "tiefighter"
+            if f.get("event_type", {}).get("type") == 5
+            and f["verdict"] == "FORWARDED"
+            and f["source"].get("pod_name") == "tiefighter"
         ]
 
     flow = eventually(allowed, what="an allowed policy verdict")[0]
