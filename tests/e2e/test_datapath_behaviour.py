@@ -141,10 +141,6 @@ def test_enforcement_continues_while_the_control_plane_is_down(starwars: Node) -
         starwars.cp.identity.start()
         starwars.policy.start()
     # Back: a new policy applies within seconds (the xwing is let in too).
-    allow_all = (
-        RULE1.replace("matchLabels: {org: empire}", "{}") if "matchLabels: {org: empire}" in RULE1 else None
-    )
-    text = allow_all or RULE1.replace("org: empire\n      toPorts", "org: alliance\n      toPorts")
     started = time.monotonic()
     starwars.apply(
         textwrap.dedent(
