@@ -235,6 +235,7 @@ class Service:
 
     async def checks(self) -> dict[str, str]:
         out = {"nats": "ok" if self.nc is not None and self.nc.is_connected else "not connected"}
+        out["started"] = "ok" if self.ready_event is not None and self.ready_event.is_set() else "starting"
         if self.kv is None:
             out["kvstore"] = "not connected"
         else:

@@ -53,6 +53,7 @@ def build(settings: IdentitySettings | None = None) -> Service:
     async def start(svc: Service) -> None:
         assert svc.kv is not None and svc.nc is not None
         allocator = IdentityAllocator(svc.kv, bucket=settings.identity_bucket)
+        await allocator.list()  # creates the bucket: agents may only read it
         lazy.allocator = allocator
         nc = svc.nc
 

@@ -23,7 +23,9 @@ def build(settings: PolicySettings | None = None) -> Service:
     @service.on_start
     async def start(svc: Service) -> None:
         assert svc.kv is not None
-        holder["store"] = PolicyStore(svc.kv, settings.policy_bucket)
+        store = PolicyStore(svc.kv, settings.policy_bucket)
+        await store.revision()  # creates the bucket: agents may only read it, so they cannot
+        holder["store"] = store
 
     return service
 
