@@ -27,6 +27,7 @@ unit: bootstrap
 bench: bootstrap
 	$(PY) bench/engine.py
 	$(PY) bench/control_plane.py
+	$(PY) bench/datapath.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache bench/out

@@ -222,6 +222,7 @@ class Agent:
         assert self.maps is not None
         self.maps.endpoint_delete(rec.ip)
         self.maps.policy_flush(rec.ep_id)
+        self.maps.bump_policy_revision()
 
     def _write_node_ipcache(self) -> None:
         assert self.maps is not None
@@ -483,6 +484,8 @@ class Agent:
                 )
         for ep_id in set(current) - local_ids:
             self.maps.policy_flush(ep_id)  # entries of endpoints that no longer exist
+        # Connections re-check their next packet against the new entries.
+        self.maps.bump_policy_revision()
         return written
 
     def _write_ipcache(self) -> None:

@@ -29,8 +29,10 @@ POLICY = "policy"
 CT = "ct"
 METRICS = "metrics"
 PROXY_PORTS = "proxy_ports"
+POLICY_REV = "policy_rev"
 EVENTS = "events"
-MAP_NAMES = (IPCACHE, ENDPOINTS, POLICY, CT, METRICS, PROXY_PORTS, EVENTS)
+MAP_NAMES = (IPCACHE, ENDPOINTS, POLICY, CT, METRICS, PROXY_PORTS, POLICY_REV, EVENTS)
+METRICS_SLOTS = 1024  # index = reason * 4 + direction
 
 POLICY_STATIC_PREFIX = 72  # ep_id + sec_label + egress
 EP_F_INGRESS_ENFORCED = 0x1
@@ -38,6 +40,7 @@ EP_F_EGRESS_ENFORCED = 0x2
 CT_F_REPLY_SEEN = 0x1
 CT_F_CLOSING = 0x2
 CT_F_PROXIED = 0x4
+CT_F_VERDICT_CACHED = 0x8
 
 # skb->mark layout shared with bpf/lib/common.h
 MARK_MAGIC_MASK = 0x00000F00
@@ -156,12 +159,10 @@ class CTEntryC(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("tcp_flags_seen", ctypes.c_uint8),
         ("tcp_flags_seen_reply", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 7),
+        ("pad1", ctypes.c_uint8),
+        ("pad2", ctypes.c_uint16),
+        ("policy_rev", ctypes.c_uint32),
     ]
-
-
-class MetricsKeyC(ctypes.Structure):
-    _fields_ = [("reason", ctypes.c_uint8), ("dir", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
 
 
 class MetricsValueC(ctypes.Structure):
@@ -398,8 +399,9 @@ class DatapathMaps:
     endpoints: BPFMap[ctypes.c_uint32, EndpointInfoC]  # type: ignore[type-var]
     policy: BPFMap[PolicyKeyC, PolicyEntryC]
     ct: BPFMap[CTKeyC, CTEntryC]
-    metrics: BPFMap[MetricsKeyC, MetricsValueC]
+    metrics: BPFMap[ctypes.c_uint32, MetricsValueC]  # type: ignore[type-var]
     proxy_ports: BPFMap[ctypes.c_uint16, ctypes.c_uint8]  # type: ignore[type-var]
+    policy_rev: BPFMap[ctypes.c_uint32, ctypes.c_uint32]  # type: ignore[type-var]
 
     @classmethod
     def open(cls, root: Path) -> DatapathMaps:
@@ -409,12 +411,21 @@ class DatapathMaps:
             BPFMap(root / ENDPOINTS, ctypes.c_uint32, EndpointInfoC),  # type: ignore[type-var]
             BPFMap(root / POLICY, PolicyKeyC, PolicyEntryC),
             BPFMap(root / CT, CTKeyC, CTEntryC),
-            BPFMap(root / METRICS, MetricsKeyC, MetricsValueC, per_cpu=True),
+            BPFMap(root / METRICS, ctypes.c_uint32, MetricsValueC, per_cpu=True),  # type: ignore[type-var]
             BPFMap(root / PROXY_PORTS, ctypes.c_uint16, ctypes.c_uint8),  # type: ignore[type-var]
+            BPFMap(root / POLICY_REV, ctypes.c_uint32, ctypes.c_uint32),  # type: ignore[type-var]
         )
 
     def close(self) -> None:
-        for m in (self.ipcache, self.endpoints, self.policy, self.ct, self.metrics, self.proxy_ports):
+        for m in (
+            self.ipcache,
+            self.endpoints,
+            self.policy,
+            self.ct,
+            self.metrics,
+            self.proxy_ports,
+            self.policy_rev,
+        ):
             m.close()
 
     # ipcache
@@ -490,14 +501,25 @@ class DatapathMaps:
 
     # metrics
     def metrics_totals(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(reason, direction) -> (packets, bytes), summed over CPUs; reason 0 = forwarded."""
         out: dict[tuple[int, int], tuple[int, int]] = {}
-        for key in self.metrics:
-            values = self.metrics.lookup_per_cpu(key)
-            out[(key.reason, key.dir)] = (
-                sum(int(v.packets) for v in values),
-                sum(int(v.bytes) for v in values),
-            )
+        for idx in range(METRICS_SLOTS):
+            values = self.metrics.lookup_per_cpu(ctypes.c_uint32(idx))
+            packets = sum(int(v.packets) for v in values)
+            if packets:
+                out[(idx >> 2, idx & 3)] = (packets, sum(int(v.bytes) for v in values))
         return out
+
+    # policy revision
+    def policy_revision(self) -> int:
+        value = self.policy_rev.lookup(ctypes.c_uint32(0))
+        return int(value.value) if value is not None else 0
+
+    def bump_policy_revision(self) -> int:
+        """Invalidate the verdicts cached in conntrack: call after every batch of map writes."""
+        new = (self.policy_revision() + 1) & 0xFFFFFFFF
+        self.policy_rev.update(ctypes.c_uint32(0), ctypes.c_uint32(new))
+        return new
 
     # proxy ports
     def proxy_port_set(self, port: int) -> None:

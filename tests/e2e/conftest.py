@@ -409,3 +409,89 @@ def node(control_plane: ControlPlane, node_pins: _Path, tmp_path: _Path) -> Iter
         if n is not None:
             n.cleanup()
         ip("netns", "delete", netns, check=False)
+
+
+INET_NODE_SIDE = "172.31.255.1"
+INET_SIDE = "172.31.255.2"
+
+
+class Internet:
+    """A namespace beyond the node holding outside addresses (world for policy)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.netns = unique_netns_name("inet")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.addresses: set[str] = set()
+        ip("netns", "add", self.netns)
+        ip(
+            "link",
+            "add",
+            "vinet",
+            "netns",
+            node.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            self.netns,
+        )
+        ip("addr", "add", f"{INET_NODE_SIDE}/30", "dev", "vinet", netns=node.netns)
+        ip("link", "set", "vinet", "up", netns=node.netns)
+        ip("addr", "add", f"{INET_SIDE}/30", "dev", "eth0", netns=self.netns)
+        ip("link", "set", "eth0", "up", netns=self.netns)
+        ip("link", "set", "lo", "up", netns=self.netns)
+        ip("route", "add", "10.201.0.0/24", "via", INET_NODE_SIDE, netns=self.netns)
+
+    def address(self, addr: str) -> None:
+        if addr not in self.addresses:
+            ip("addr", "add", f"{addr}/32", "dev", "lo", netns=self.netns)
+            ip("route", "add", f"{addr}/32", "via", INET_SIDE, netns=self.node.netns)
+            self.addresses.add(addr)
+
+    def serve(self, kind: str, addr: str, port: int) -> None:
+        self.address(addr)
+        argv = [
+            "nsenter",
+            f"--net=/run/netns/{self.netns}",
+            "--",
+            str(VENV_BIN / "python"),
+            "-m",
+            "cilia.demo_apps",
+            kind,
+            "--bind",
+            addr,
+            "--port",
+            str(port),
+        ]
+        self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        flag = "-lun" if kind == "udp-echo" else "-ltn"
+        eventually(
+            lambda: (
+                f"{addr}:{port} "
+                in subprocess.run(
+                    ["nsenter", f"--net=/run/netns/{self.netns}", "--", "ss", "-H", flag],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            ),
+            what=f"{kind} on {addr}:{port}",
+        )
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        ip("link", "del", "vinet", netns=self.node.netns, check=False)
+        ip("netns", "delete", self.netns, check=False)
+
+
+@pytest.fixture
+def internet(node: Node) -> Iterator[Internet]:
+    inet = Internet(node)
+    try:
+        yield inet
+    finally:
+        inet.close()

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VENV_BIN, Node, eventually, ip, unique_netns_name
+from conftest import VENV_BIN, Internet, Node, eventually
 
 from cilia.scenario import Probe, ProbeResult, Target, evaluate, load_scenario
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-INET_NODE_SIDE = "172.31.255.1"
-INET_SIDE = "172.31.255.2"
 
 
 def pure_l3l4(r: ProbeResult) -> bool:
@@ -28,88 +24,6 @@ def pure_l3l4(r: ProbeResult) -> bool:
         if isinstance(side, Target) and (side.fqdn is not None or side.entity is not None):
             return False
     return not isinstance(p.from_, Target)
-
-
-class Internet:
-    """A namespace beyond the node holding outside addresses (world for policy)."""
-
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.netns = unique_netns_name("inet")
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.addresses: set[str] = set()
-        ip("netns", "add", self.netns)
-        ip(
-            "link",
-            "add",
-            "vinet",
-            "netns",
-            node.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            self.netns,
-        )
-        ip("addr", "add", f"{INET_NODE_SIDE}/30", "dev", "vinet", netns=node.netns)
-        ip("link", "set", "vinet", "up", netns=node.netns)
-        ip("addr", "add", f"{INET_SIDE}/30", "dev", "eth0", netns=self.netns)
-        ip("link", "set", "eth0", "up", netns=self.netns)
-        ip("link", "set", "lo", "up", netns=self.netns)
-        ip("route", "add", "10.201.0.0/24", "via", INET_NODE_SIDE, netns=self.netns)
-
-    def address(self, addr: str) -> None:
-        if addr not in self.addresses:
-            ip("addr", "add", f"{addr}/32", "dev", "lo", netns=self.netns)
-            ip("route", "add", f"{addr}/32", "via", INET_SIDE, netns=self.node.netns)
-            self.addresses.add(addr)
-
-    def serve(self, kind: str, addr: str, port: int) -> None:
-        self.address(addr)
-        argv = [
-            "nsenter",
-            f"--net=/run/netns/{self.netns}",
-            "--",
-            str(VENV_BIN / "python"),
-            "-m",
-            "cilia.demo_apps",
-            kind,
-            "--bind",
-            addr,
-            "--port",
-            str(port),
-        ]
-        self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        flag = "-lun" if kind == "udp-echo" else "-ltn"
-        eventually(
-            lambda: (
-                f"{addr}:{port} "
-                in subprocess.run(
-                    ["nsenter", f"--net=/run/netns/{self.netns}", "--", "ss", "-H", flag],
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            ),
-            what=f"{kind} on {addr}:{port}",
-        )
-
-    def close(self) -> None:
-        for p in self.procs:
-            p.kill()
-            p.wait()
-        ip("link", "del", "vinet", netns=self.node.netns, check=False)
-        ip("netns", "delete", self.netns, check=False)
-
-
-@pytest.fixture
-def internet(node: Node) -> Iterator[Internet]:
-    inet = Internet(node)
-    try:
-        yield inet
-    finally:
-        inet.close()
 
 
 def target_of(probe: Probe, node: Node) -> str:

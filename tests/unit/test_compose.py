@@ -72,3 +72,13 @@ def test_no_credentials_are_baked_into_the_deployment_files(path: str) -> None:
     text = (REPO / path).read_text().lower()
     for word in ("password:", "token:", "secret:", "cilia-admin"):
         assert word not in text
+
+
+def test_the_datapath_runs_privileged_on_the_host_network_with_bpffs_and_netns() -> None:
+    dp = model()["services"]["datapath"]
+    assert dp["privileged"] is True
+    assert dp["network_mode"] == "host"
+    targets = {v["target"] for v in dp["volumes"]}
+    assert {"/sys/fs/bpf", "/run/netns", "/run/cilia", "/lib/modules", "/usr/src"} <= targets
+    assert dp["environment"]["CILIA_NATS_URL"] == "nats://127.0.0.1:4222"
+    assert any("/readyz" in part for part in dp["healthcheck"]["test"])

@@ -93,12 +93,20 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, int *othe
 	return 0;
 }
 
-static __always_inline int pull_headers(struct __sk_buff *skb)
+/* Parse; only when the headers are not all in the linear data (rare: they normally are) pull them
+ * in and parse again, so the common path never copies or reallocates. */
+static __always_inline int parse_pulled(struct __sk_buff *skb, struct pkt *p, int *other)
 {
+	int reason = parse(skb, p, other);
+	if (reason != DROP_INVALID_PACKET && reason != DROP_CT_INVALID_HDR)
+		return reason;
 	__u32 linear = skb->data_end - skb->data;
-	if (linear < PULL_LEN && skb->len > linear)
-		return bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
-	return 0;
+	if (linear >= PULL_LEN || skb->len <= linear)
+		return reason;
+	if (bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN))
+		return reason;
+	__builtin_memset(p, 0, sizeof(*p));
+	return parse(skb, p, other);
 }
 
 static __always_inline int drop(const struct pkt *p, const struct ctx_info *c, __u8 reason, __u32 cookie)
@@ -162,8 +170,7 @@ int from_container(struct __sk_buff *skb)
 	struct ctx_info c = { .ifindex = skb->ifindex, .direction = DIR_EGRESS };
 	int other = 0;
 
-	pull_headers(skb);
-	int reason = parse(skb, &p, &other);
+	int reason = parse_pulled(skb, &p, &other);
 	if (reason)
 		return drop(&p, &c, reason, 0);
 	if (other)
@@ -176,27 +183,40 @@ int from_container(struct __sk_buff *skb)
 		return drop(&p, &c, DROP_INVALID_SOURCE_IP, 0);
 	c.src_ep = src->ep_id;
 	c.src_identity = src->identity;
-	struct endpoint_info *dst = endpoints.lookup(&p.daddr);
+	if (p.is_fragment)
+		return drop(&p, &c, DROP_FRAG_NOT_SUPPORTED, 0);
+
+	__u64 now = bpf_ktime_get_ns();
+	__u8 new_flags = 0, cached = 0;
+	int state = ct_lookup(&p, now, &new_flags, &cached);
+	struct endpoint_info *dst;
+	if (state == CT_REPLY || cached) {
+		/* Replies pass on conntrack; an original-direction packet reuses the verdict its
+		 * connection got at the current policy revision (any map change invalidates it).
+		 * The destination is looked up only for the (rare) trace event. */
+		count(0, DIR_EGRESS, p.len);
+		if (new_flags) {
+			dst = endpoints.lookup(&p.daddr);
+			if (dst) {
+				c.dst_ep = dst->ep_id;
+				c.dst_identity = dst->identity;
+			} else {
+				c.dst_identity = remote_identity(p.daddr);
+			}
+			emit(&p, &c, EVENT_TRACE, dst ? TRACE_TO_LXC : TRACE_TO_STACK, VERDICT_FORWARDED, MATCH_NONE,
+			     state == CT_REPLY, 0, 0);
+		}
+		skb->mark = MARK_JUDGED;
+		return TC_ACT_OK;
+	}
+	dst = endpoints.lookup(&p.daddr);
 	if (dst) {
 		c.dst_ep = dst->ep_id;
 		c.dst_identity = dst->identity;
 	} else {
 		c.dst_identity = remote_identity(p.daddr);
 	}
-	if (p.is_fragment)
-		return drop(&p, &c, DROP_FRAG_NOT_SUPPORTED, 0);
-
-	__u64 now = bpf_ktime_get_ns();
-	__u8 new_flags = 0;
-	int state = ct_lookup(&p, now, &new_flags);
 	__u8 point = dst ? TRACE_TO_LXC : TRACE_TO_STACK;
-	if (state == CT_REPLY) {
-		count(0, DIR_EGRESS, p.len);
-		if (new_flags)
-			emit(&p, &c, EVENT_TRACE, point, VERDICT_FORWARDED, MATCH_NONE, 1, 0, 0);
-		skb->mark = MARK_JUDGED;
-		return TC_ACT_OK;
-	}
 
 	struct policy_result eg = { .verdict = POLICY_ALLOW, .match_type = MATCH_ALL };
 	if (src->flags & EP_F_EGRESS_ENFORCED)
@@ -226,8 +246,10 @@ int from_container(struct __sk_buff *skb)
 			c.direction = DIR_EGRESS;
 		}
 		emit(&p, &c, EVENT_TRACE, point, VERDICT_FORWARDED, MATCH_NONE, 0, cookie, 0);
-	} else if (new_flags) {
-		emit(&p, &c, EVENT_TRACE, point, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
+	} else {
+		ct_cache_verdict(&p);
+		if (new_flags)
+			emit(&p, &c, EVENT_TRACE, point, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
 	}
 	count(0, DIR_EGRESS, p.len);
 	skb->mark = MARK_JUDGED;
@@ -245,8 +267,7 @@ int to_container(struct __sk_buff *skb)
 		skb->mark = 0;
 		return TC_ACT_OK;   /* from_container of a local endpoint judged it already */
 	}
-	pull_headers(skb);
-	int reason = parse(skb, &p, &other);
+	int reason = parse_pulled(skb, &p, &other);
 	if (reason)
 		return drop(&p, &c, reason, 0);
 	if (other)
@@ -258,24 +279,27 @@ int to_container(struct __sk_buff *skb)
 	c.dst_ep = dst->ep_id;
 	c.dst_identity = dst->identity;
 	__u8 from_proxy = (mark & MARK_MAGIC_MASK) == MARK_FROM_PROXY;
+	if (p.is_fragment)
+		return drop(&p, &c, DROP_FRAG_NOT_SUPPORTED, 0);
+
+	__u64 now = bpf_ktime_get_ns();
+	__u8 new_flags = 0, cached = 0;
+	int state = ct_lookup(&p, now, &new_flags, &cached);
 	if (from_proxy) {
 		c.src_identity = mark >> 12;   /* trusted: only privileged processes of the node set marks */
-	} else {
+	} else if (state != CT_REPLY && !cached) {
 		struct endpoint_info *src = endpoints.lookup(&p.saddr);
 		if (src)
 			c.src_ep = src->ep_id;
 		c.src_identity = remote_identity(p.saddr);
 	}
-	if (p.is_fragment)
-		return drop(&p, &c, DROP_FRAG_NOT_SUPPORTED, 0);
-
-	__u64 now = bpf_ktime_get_ns();
-	__u8 new_flags = 0;
-	int state = ct_lookup(&p, now, &new_flags);
-	if (state == CT_REPLY) {
+	if (state == CT_REPLY || (cached && !from_proxy)) {
 		count(0, DIR_INGRESS, p.len);
-		if (new_flags)
-			emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 1, 0, 0);
+		if (new_flags) {
+			if (!from_proxy)
+				c.src_identity = remote_identity(p.saddr);
+			emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, state == CT_REPLY, 0, 0);
+		}
 		skb->mark = 0;
 		return TC_ACT_OK;
 	}
@@ -305,8 +329,11 @@ int to_container(struct __sk_buff *skb)
 		if (dst->flags & EP_F_INGRESS_ENFORCED)
 			emit(&p, &c, EVENT_POLICY_VERDICT, 0, VERDICT_FORWARDED, in.match_type, 0, in.cookie, 0);
 		emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);
-	} else if (new_flags) {
-		emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
+	} else {
+		if (!from_proxy)
+			ct_cache_verdict(&p);
+		if (new_flags)
+			emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
 	}
 	count(0, DIR_INGRESS, p.len);
 	skb->mark = 0;

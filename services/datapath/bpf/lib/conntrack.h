@@ -43,14 +43,32 @@ static __always_inline void ct_key_of(const struct pkt *p, struct ct_key *k, int
 	k->proto = p->proto;
 }
 
-/* Look the packet up; on a hit, refresh the entry and report whether its TCP flags are new for
- * its direction (monitor aggregation: trace events only on connection setup and flag changes). */
-static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_flags)
+/* Refresh an entry's age at most once a second: both directions of a busy connection run on
+ * different CPUs, and writing the shared entry on every packet would bounce its cache line. */
+#define CT_TOUCH_INTERVAL NSEC
+static __always_inline void touch(struct ct_entry *e, __u64 now)
+{
+	if (now - e->last_seen > CT_TOUCH_INTERVAL)
+		e->last_seen = now;
+}
+
+static __always_inline __u32 current_policy_rev(void)
+{
+	__u32 zero = 0;
+	__u32 *rev = policy_rev.lookup(&zero);
+	return rev ? *rev : 0;
+}
+
+/* Look the packet up; on a hit, refresh the entry and report whether its TCP flags are new for its
+ * direction (monitor aggregation: trace events only on connection setup and flag changes), and
+ * whether an original-direction packet may reuse the verdict cached at the current revision. */
+static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_flags, __u8 *cached)
 {
 	struct ct_key k = {};
 	struct ct_entry *e;
 
 	*new_flags = 0;
+	*cached = 0;
 	ct_key_of(p, &k, 0);
 	e = ct.lookup(&k);
 	if (e) {
@@ -58,15 +76,15 @@ static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_f
 			ct.delete(&k);
 			return CT_NEW;
 		}
-		e->last_seen = now;
-		e->packets += 1;
-		e->bytes += p->len;
-		if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
+		touch(e, now);
+		if ((p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_)) && !(e->flags & CT_F_CLOSING))
 			e->flags |= CT_F_CLOSING;
 		if ((p->tcp_flags | e->tcp_flags_seen) != e->tcp_flags_seen) {
 			*new_flags = 1;
 			e->tcp_flags_seen |= p->tcp_flags;
 		}
+		if ((e->flags & CT_F_VERDICT_CACHED) && e->policy_rev == current_policy_rev())
+			*cached = 1;
 		return CT_ORIGINAL;
 	}
 	ct_key_of(p, &k, 1);
@@ -76,11 +94,10 @@ static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_f
 			ct.delete(&k);
 			return CT_NEW;
 		}
-		e->last_seen = now;
-		e->reply_packets += 1;
-		e->reply_bytes += p->len;
-		e->flags |= CT_F_REPLY_SEEN;
-		if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
+		touch(e, now);
+		if (!(e->flags & CT_F_REPLY_SEEN))
+			e->flags |= CT_F_REPLY_SEEN;
+		if ((p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_)) && !(e->flags & CT_F_CLOSING))
 			e->flags |= CT_F_CLOSING;
 		if ((p->tcp_flags | e->tcp_flags_seen_reply) != e->tcp_flags_seen_reply) {
 			*new_flags = 1;
@@ -89,6 +106,18 @@ static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_f
 		return CT_REPLY;
 	}
 	return CT_NEW;
+}
+
+/* Remember that this original-direction packet was allowed at the current policy revision. */
+static __always_inline void ct_cache_verdict(const struct pkt *p)
+{
+	struct ct_key k = {};
+	ct_key_of(p, &k, 0);
+	struct ct_entry *e = ct.lookup(&k);
+	if (e) {
+		e->flags |= CT_F_VERDICT_CACHED;
+		e->policy_rev = current_policy_rev();
+	}
 }
 
 static __always_inline void ct_create(const struct pkt *p, __u64 now, __u32 src_identity, __u32 dst_identity,
@@ -111,6 +140,9 @@ static __always_inline void ct_create(const struct pkt *p, __u64 now, __u32 src_
 	e.tcp_flags_seen = p->tcp_flags;
 	if (proxy_port)
 		e.flags |= CT_F_PROXIED;
+	else
+		e.flags |= CT_F_VERDICT_CACHED;
+	e.policy_rev = current_policy_rev();
 	if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
 		e.flags |= CT_F_CLOSING;
 	ct.update(&k, &e);

@@ -80,15 +80,12 @@ static __always_inline void emit(const struct pkt *p, const struct ctx_info *c, 
 
 static __always_inline void count(__u8 reason, __u8 dir, __u32 len)
 {
-	struct metrics_key key = { .reason = reason, .dir = dir };
-	struct metrics_value *v = metrics.lookup(&key);
+	__u32 idx = ((__u32)reason << 2) | (dir & 3);
+	struct metrics_value *v = metrics.lookup(&idx);
 
 	if (v) {
 		v->packets += 1;
 		v->bytes += len;
-	} else {
-		struct metrics_value init = { .packets = 1, .bytes = len };
-		metrics.update(&key, &init);
 	}
 }
 

@@ -65,10 +65,11 @@ struct ct_key {
 #define CT_F_REPLY_SEEN 0x1
 #define CT_F_CLOSING    0x2
 #define CT_F_PROXIED    0x4
+#define CT_F_VERDICT_CACHED 0x8  /* allowed (no proxy) at policy revision `policy_rev` */
 struct ct_entry {
 	__u64 created;       /* bpf_ktime_get_ns */
 	__u64 last_seen;
-	__u64 packets;
+	__u64 packets;        /* at creation; per-packet counts live in the per-CPU metrics */
 	__u64 bytes;
 	__u64 reply_packets;
 	__u64 reply_bytes;
@@ -81,21 +82,23 @@ struct ct_entry {
 	__u8  flags;
 	__u8  tcp_flags_seen;       /* union of flags seen in the original direction */
 	__u8  tcp_flags_seen_reply; /* ... and in the reply direction */
-	__u8  pad[7];
+	__u8  pad1;
+	__u16 pad2;
+	__u32 policy_rev;           /* the policy revision the cached verdict was taken at */
 };
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, 262144, PIN("ct"));
 
-/* Counters by (reason, direction): reason 0 = forwarded, else the drop reason. */
-struct metrics_key {
-	__u8  reason;
-	__u8  dir;
-	__u16 pad;
-};
+/* Counters by (reason, direction) at index reason * 4 + direction: reason 0 = forwarded, else the
+ * drop reason. A per-CPU array: no hashing, no locking on the hot path. */
 struct metrics_value {
 	__u64 packets;
 	__u64 bytes;
 };
-BPF_TABLE_PINNED("percpu_hash", struct metrics_key, struct metrics_value, metrics, 1024, PIN("metrics"));
+BPF_TABLE_PINNED("percpu_array", __u32, struct metrics_value, metrics, 1024, PIN("metrics"));
+
+/* The policy revision: the agent bumps it after every batch of map writes, which invalidates the
+ * verdicts cached in conntrack entries, so a revoked allow cuts an established flow. */
+BPF_TABLE_PINNED("array", __u32, __u32, policy_rev, 1, PIN("policy_rev"));
 
 /* Proxy ports a proxy has registered on this node; redirects to any other port fail closed. */
 BPF_TABLE_PINNED("hash", __u16, __u8, proxy_ports, 256, PIN("proxy_ports"));
