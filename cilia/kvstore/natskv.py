@@ -205,7 +205,7 @@ class NatsKVStore:
         errors: list[Exception] = []
 
         async def on_error(err: Exception) -> None:
-            errors[:] = [err]
+            errors.append(err)
             log.debug("nats connection error server=%s error=%r", address.shown, err)
 
         try:
@@ -229,10 +229,12 @@ class NatsKVStore:
         except (TimeoutError, OSError, nats.errors.Error) as err:
             with contextlib.suppress(Exception):
                 await nc.close()
-            last = errors[0] if errors else err
-            refused = isinstance(last, nats.errors.AuthorizationError) or "Authorization Violation" in str(
-                last
-            )
+            # The server may reset the socket right after refusing the login: any refusal
+            # seen on the way counts, not only the last error.
+            seen = [*errors, err]
+            auth = [e for e in seen if isinstance(e, nats.errors.AuthorizationError) or "Authorization" in str(e)]
+            refused = bool(auth)
+            last = auth[0] if auth else (errors[-1] if errors else err)
             hint = (
                 "check the NATS user and password (CILIA_NATS_USER, CILIA_NATS_PASSWORD)" if refused else ""
             )

@@ -112,6 +112,18 @@ class PolicyEngine:
         new_ids = [self.ipcache.add_fqdn_ip(ip, names) for ip, names in ips.items()]
         return self._update([], [], identities=new_ids)
 
+    def remove_fqdn_ips(self, ips: dict[IPAddress, list[str] | None]) -> EngineUpdate:
+        """Names expired (TTL) for IPs: close what only they opened."""
+        changed: list[int] = []
+        gone: list[int] = []
+        for ip, names in ips.items():
+            result = self.ipcache.remove_fqdn_ip(ip, names)
+            if result is None:
+                continue
+            num, exists = result
+            (changed if exists else gone).append(num)
+        return self._update([], [], identities=changed, removed=gone)
+
     @staticmethod
     def repo_key(obj: PolicyResource) -> PolicyKey:
         from cilia.policy.repository import policy_key
@@ -119,10 +131,18 @@ class PolicyEngine:
         return policy_key(obj)
 
     def _update(
-        self, changed: list[CompiledRule], added: list[CompiledRule], identities: Iterable[int] = ()
+        self,
+        changed: list[CompiledRule],
+        added: list[CompiledRule],
+        identities: Iterable[int] = (),
+        removed: Iterable[int] = (),
     ) -> EngineUpdate:
         new_ids = list(identities) + self.ipcache.add_prefixes(policy_prefixes(added))
         changed_selectors = self.cache.add(self.ipcache.identities[i] for i in new_ids) if new_ids else set()
+        gone = list(removed)
+        if gone:
+            changed_selectors |= self.cache.remove(gone)
+            new_ids += gone
         ctx = self.context()
         diffs: dict[SubjectKey, MapStateDiff] = {}
         affected = {k for k, peer in self.subjects.items() if any(rule_selects(r, peer) for r in changed)}

@@ -42,6 +42,7 @@ class IPCache:
     endpoints: dict[IPAddress, int] = field(default_factory=dict)
     _next_local: int = MIN_LOCAL_IDENTITY
     _numbers: dict[IPNetwork, int] = field(default_factory=dict)  # numbers to reuse for known prefixes
+    fqdn_only: set[IPNetwork] = field(default_factory=set)  # prefixes that exist only for DNS names
 
     @classmethod
     def build(
@@ -92,11 +93,32 @@ class IPCache:
         net = ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
         if net not in self.prefixes:
             self.add_prefixes([net])
+            self.fqdn_only.add(net)
         num = self.prefixes[net]
         info = self.identities[num]
         merged = tuple(sorted({*info.names, *(n.lower().rstrip(".") + "." for n in names)}))
         self.identities[num] = IdentityInfo(num, info.labels, net, merged)
         return num
+
+    def remove_fqdn_ip(self, ip: IPAddress, names: Iterable[str] | None = None) -> tuple[int, bool] | None:
+        """Forget `names` (all when None) for an IP; returns (identity, still exists) or None if unknown.
+
+        An identity that existed only for DNS names goes away with its last name."""
+        net = ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
+        num = self.prefixes.get(net)
+        if num is None:
+            return None
+        info = self.identities[num]
+        drop = None if names is None else {n.lower().rstrip(".") + "." for n in names}
+        kept = () if drop is None else tuple(n for n in info.names if n not in drop)
+        if not kept and net in self.fqdn_only:
+            del self.prefixes[net]
+            del self.identities[num]
+            self.fqdn_only.discard(net)
+            self._numbers[net] = num  # the same number if the name comes back
+            return (num, False)
+        self.identities[num] = IdentityInfo(num, info.labels, net, kept)
+        return (num, True)
 
     def lookup(self, ip: IPAddress) -> int:
         """The identity of an address: an endpoint's, else the longest policy prefix's, else world."""

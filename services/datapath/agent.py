@@ -27,7 +27,7 @@ from cilia.models.loader import parse_document
 from cilia.policy.context import PolicyOptions
 from cilia.policy.engine import PolicyEngine, SubjectKey
 from cilia.policy.inventory import Inventory, Workload, workload_identity_labels
-from cilia.policy.l7 import PARSER_DNS, PARSER_HTTP
+from cilia.policy.l7 import PARSER_DNS, PARSER_HTTP, L7Request
 from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
 from cilia.policy.repository import PolicyKey, Repository
 from cilia.policy.rules import EGRESS, INGRESS
@@ -564,6 +564,77 @@ class Agent:
             )  # type: ignore[misc]
             await asyncio.to_thread(self._write_all)
             return sum(len(d) for d in update.diffs.values())
+
+    async def forget_fqdn_ips(self, ips: Mapping[str, list[str] | None]) -> int:
+        """Names expired for these IPs (their TTL ran out): close what only they opened."""
+        async with self.lock:
+            if self.engine is None:
+                return 0
+            update = await asyncio.to_thread(
+                self.engine.remove_fqdn_ips,
+                {ip_address(ip): names for ip, names in ips.items()},  # type: ignore[misc]
+            )
+            await asyncio.to_thread(self._write_all)
+            return sum(len(d) for d in update.diffs.values())
+
+    def ips_in_use(self, ips: Iterable[str]) -> list[str]:
+        """Which of these addresses an open connection (a conntrack entry) still uses."""
+        assert self.maps is not None
+        wanted = set(ips)
+        used: set[str] = set()
+        for key, _ in self.maps.ct_items():
+            src, dst, *_ = maps.ct_tuple(key)
+            for a in (src, dst):
+                if a in wanted:
+                    used.add(a)
+        return sorted(used)
+
+    def endpoint_by_ip(self, ip: str) -> EndpointRecord | None:
+        for rec in self.state.endpoints.values():
+            if rec.ip == ip:
+                return rec
+        return None
+
+    def check_l7(self, src_ip: str, dst_ip: str, port: int, proto: int, request: L7Request) -> dict[str, Any]:
+        """What a proxy asks for each request: the L7 rules of the source's egress and, when the
+        destination is local, of its ingress (only directions that redirect to a proxy count)."""
+        src_identity, dst_identity = self.identity_of_ip(src_ip), self.identity_of_ip(dst_ip)
+        checks = []
+        for rec, direction, remote in (
+            (self.endpoint_by_ip(src_ip), EGRESS, dst_identity),
+            (self.endpoint_by_ip(dst_ip), INGRESS, src_identity),
+        ):
+            if rec is None:
+                continue
+            policy = self.policy_of(rec)
+            if policy is None:
+                continue
+            entry = policy.lookup(direction, remote, proto, port)
+            if entry is None or entry.deny or entry.parser is None:
+                continue
+            allowed, reason, parser = policy.decide(direction, remote, proto, port, request)
+            checks.append(
+                {
+                    "direction": direction,
+                    "endpoint": rec.key,
+                    "allowed": allowed,
+                    "reason": reason,
+                    "parser": parser,
+                }
+            )
+        allowed = all(c["allowed"] for c in checks)
+        reason = (
+            "; ".join(str(c["reason"]) for c in checks if c["allowed"] is allowed) or "no L7 rule applies"
+        )
+        return {
+            "ok": True,
+            "allowed": allowed,
+            "reason": reason,
+            "src_identity": src_identity,
+            "dst_identity": dst_identity,
+            "ingress_applied": any(c["direction"] == INGRESS for c in checks),
+            "checks": checks,
+        }
 
     def identity_of_ip(self, ip: str) -> int:
         for rec in self.state.endpoints.values():

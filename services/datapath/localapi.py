@@ -1,10 +1,16 @@
 """The node-local API (ARCHITECTURE.md §3): the node's proxies talk to the datapath agent over a unix
 socket, one JSON object per line each way — never over NATS, so it works with the control plane down.
 
-Requests:
+Requests (the answer to each is a JSON object with "ok"; an error has "error"):
   {"op": "register_proxy", "type": "dns"|"http", "port": 10053, "mode": "tproxy"|"dnat"} -> {"ok": true}
       (the registration lasts as long as the connection: a proxy that dies fails closed)
   {"op": "allow_fqdn", "ips": {"198.51.100.10": ["api.github.com"]}}  -> {"ok": true, "written": 3}
+  {"op": "forget_fqdn", "ips": {"198.51.100.10": ["api.github.com"]}} -> {"ok": true, "written": 3}   (null: every name)
+  {"op": "ips_in_use", "ips": ["198.51.100.10"]}                       -> {"ok": true, "ips": [...]}     (open connections)
+  {"op": "check", "src": "10.0.1.20", "dst": "10.0.1.10", "port": 80, "proto": 6,
+   "http": {"method": "POST", "path": "/v1/x", "host": "h", "headers": {...}} | "dns": {"query": "a.b."}}
+                                                                       -> {"ok": true, "allowed": ..., "reason": ..., "src_identity": ...}
+  {"op": "flow", "flow": {... Hubble JSON ...}}                        -> {"ok": true}   (a proxy's flow: kept and published)
   {"op": "identity", "ip": "10.0.1.20"}                                -> {"ok": true, "identity": 25698, "labels": [...]}
   {"op": "ping"}                                                       -> {"ok": true, "node": "..."}
 The answer to `allow_fqdn` is sent only after the maps are written.
@@ -17,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +39,12 @@ def socket_path(node: str) -> Path:
     return SOCKET_DIR / f"{node}.sock"
 
 
-async def handle(agent: Agent, request: dict[str, Any], registered: set[int] | None = None) -> dict[str, Any]:
+FlowSink = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def handle(
+    agent: Agent, request: dict[str, Any], registered: set[int] | None = None, on_flow: FlowSink | None = None
+) -> dict[str, Any]:
     op = request.get("op")
     if op == "ping":
         return {"ok": True, "node": agent.node}
@@ -48,6 +60,40 @@ async def handle(agent: Agent, request: dict[str, Any], registered: set[int] | N
             return {"ok": False, "error": "ips must map addresses to name lists"}
         written = await agent.allow_fqdn_ips({str(k): [str(n) for n in v] for k, v in ips.items()})
         return {"ok": True, "written": written}
+    if op == "forget_fqdn":
+        ips = request.get("ips") or {}
+        written = await agent.forget_fqdn_ips(
+            {str(k): (None if v is None else [str(n) for n in v]) for k, v in ips.items()}
+        )
+        return {"ok": True, "written": written}
+    if op == "ips_in_use":
+        return {
+            "ok": True,
+            "ips": await asyncio.to_thread(agent.ips_in_use, [str(x) for x in request.get("ips") or []]),
+        }
+    if op == "check":
+        from cilia.policy.l7 import DNSQuery, HTTPRequest, L7Request
+
+        l7: L7Request
+        if "http" in request:
+            h = request["http"] or {}
+            l7 = HTTPRequest(
+                str(h.get("method", "GET")),
+                str(h.get("path", "/")),
+                str(h.get("host", "")),
+                dict(h.get("headers") or {}),
+            )
+        elif "dns" in request:
+            l7 = DNSQuery(str((request["dns"] or {}).get("query", "")))
+        else:
+            return {"ok": False, "error": "check needs http or dns"}
+        return agent.check_l7(
+            str(request["src"]), str(request["dst"]), int(request["port"]), int(request.get("proto", 6)), l7
+        )
+    if op == "flow":
+        if on_flow is not None and isinstance(request.get("flow"), dict):
+            await on_flow(request["flow"])
+        return {"ok": True}
     if op == "identity":
         ip = str(request.get("ip"))
         ident = agent.identity_of_ip(ip)
@@ -55,7 +101,7 @@ async def handle(agent: Agent, request: dict[str, Any], registered: set[int] | N
     return {"ok": False, "error": f"unknown op {op!r}"}
 
 
-async def serve(agent: Agent, path: Path) -> asyncio.AbstractServer:
+async def serve(agent: Agent, path: Path, on_flow: FlowSink | None = None) -> asyncio.AbstractServer:
     """Listen on `path` (mode 0600: the node's root processes only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -71,7 +117,7 @@ async def serve(agent: Agent, path: Path) -> asyncio.AbstractServer:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("a request is a JSON object")
-                    answer = await handle(agent, request, registered)
+                    answer = await handle(agent, request, registered, on_flow)
                 except Exception as err:
                     answer = {"ok": False, "error": f"{type(err).__name__}: {err}"}
                 writer.write(json.dumps(answer).encode() + b"\n")

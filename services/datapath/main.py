@@ -170,7 +170,13 @@ def build(settings: DatapathSettings | None = None) -> Service:
     async def start(svc: Service) -> None:
         await agent.start()
         holder["agent"] = agent
-        holder["local"] = await localapi.serve(agent, localapi.socket_path(settings.node))
+
+        async def proxy_flow(flow: dict[str, Any]) -> None:
+            recent.append(flow)
+            await holder["publisher"].publish(flow)
+
+        holder["publisher"] = FlowPublisher(svc, settings.node)
+        holder["local"] = await localapi.serve(agent, localapi.socket_path(settings.node), proxy_flow)
         # Republish this node's endpoints (a restart, or a kvstore that lost them).
         for rec in agent.endpoints():
             await publish_endpoint(rec, "added")
@@ -238,7 +244,7 @@ def build(settings: DatapathSettings | None = None) -> Service:
         reader = EventReader(settings.pins() / maps.EVENTS, queue, asyncio.get_running_loop())
         holder["reader"] = reader
         reader.start()
-        publisher = FlowPublisher(svc, settings.node)
+        publisher = holder["publisher"]
         while True:
             raw = await queue.get()
             try:

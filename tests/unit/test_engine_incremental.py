@@ -127,3 +127,36 @@ def test_incremental_updates_end_where_a_full_recomputation_ends(
         elif key in engine.repo:
             engine.delete(key)
         assert {k: p.entries for k, p in engine.policies.items()} == fresh_entries(engine)
+
+
+def test_fqdn_ips_open_matching_selectors_and_close_again_when_their_names_expire() -> None:
+    import ipaddress
+
+    engine = PolicyEngine(inventory())
+    engine.compute_all()
+    engine.apply(
+        parse_documents(
+            [
+                doc(
+                    "fqdn",
+                    {
+                        "endpointSelector": {"matchLabels": {"app": "a"}},
+                        "egress": [{"toFQDNs": [{"matchPattern": "*.github.com"}]}],
+                    },
+                )
+            ]
+        )  # type: ignore[arg-type]
+    )
+    before = {k: p.entries for k, p in engine.policies.items()}
+    ip = ipaddress.ip_address("198.51.100.10")
+    update = engine.add_fqdn_ips({ip: ["api.github.com"]})
+    ident = engine.ipcache.lookup(ip)
+    assert ident >= 1 << 24
+    a_key = next(k for k, p in engine.policies.items() if p.subject == "default/a-default")
+    assert any(k.identity == ident and k.direction == "egress" for k in update.diffs[a_key].upserts)
+    # A name that matches no selector opens nothing.
+    other = ipaddress.ip_address("198.51.100.12")
+    assert not engine.add_fqdn_ips({other: ["github.com"]}).diffs
+    engine.remove_fqdn_ips({ip: ["api.github.com"], other: None})
+    assert engine.ipcache.lookup(ip) != ident
+    assert {k: p.entries for k, p in engine.policies.items()} == before
