@@ -232,7 +232,9 @@ class NatsKVStore:
             # The server may reset the socket right after refusing the login: any refusal
             # seen on the way counts, not only the last error.
             seen = [*errors, err]
-            auth = [e for e in seen if isinstance(e, nats.errors.AuthorizationError) or "Authorization" in str(e)]
+            auth = [
+                e for e in seen if isinstance(e, nats.errors.AuthorizationError) or "Authorization" in str(e)
+            ]
             refused = bool(auth)
             last = auth[0] if auth else (errors[-1] if errors else err)
             hint = (
