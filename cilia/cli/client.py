@@ -1,9 +1,10 @@
 """How the CLI finds and calls the services: addresses, the token, and HTTP errors as one line.
 
 Addresses, in order: the `--<service>-url` flag, `CILIA_<SERVICE>_URL`, `services.<service>` in
-`~/.config/cilia/config.yaml` (or `$CILIA_CONFIG`), then `http://127.0.0.1:<default port>`. The
-token: `--token`, `CILIA_TOKEN`, `token:` in the config file, or the `admin` token of the
-credentials file named by `CILIA_TOKEN_FILE` (or `tokenFile:` in the config).
+`~/.config/cilia/config.yaml` (or `$CILIA_CONFIG`), the local cluster made by `cilia cluster up`
+(in `$CILIA_CLUSTER_DIR` or /var/lib/cilia/cluster), then `http://127.0.0.1:<default port>`. The
+token: `--token`, `CILIA_TOKEN`, `token:` in the config file, the `admin` token of the
+credentials file named by `CILIA_TOKEN_FILE` (or `tokenFile:` in the config), or the local cluster's.
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ def _config() -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
+def local_cluster_env() -> dict[str, str]:
+    """The settings of the local cluster (`cilia cluster up`), if there is one: like kind's kubeconfig."""
+    from cilia.cluster import DEFAULT_STATE_DIR, ClusterState
+
+    state_dir = Path(os.environ.get("CILIA_CLUSTER_DIR") or DEFAULT_STATE_DIR)
+    if not (state_dir / "cluster.json").exists():
+        return {}
+    try:
+        return ClusterState.load(state_dir).env()
+    except (OSError, ValueError, TypeError, CiliaError):
+        return {}
+
+
 @dataclass
 class Client:
     """HTTP access to cilia's services for the CLI."""
@@ -57,6 +71,9 @@ class Client:
         services = _config().get("services") or {}
         if isinstance(services, dict) and services.get(service):
             return str(services[service]).rstrip("/")
+        cluster = local_cluster_env().get(f"CILIA_{service.upper()}_URL")
+        if cluster:
+            return cluster
         return f"http://127.0.0.1:{SERVICE_PORTS[service]}"
 
     def bearer(self) -> str | None:
@@ -68,6 +85,7 @@ class Client:
         if cfg.get("token"):
             return str(cfg["token"])
         token_file = os.environ.get("CILIA_TOKEN_FILE") or cfg.get("tokenFile")
+        token_file = token_file or local_cluster_env().get("CILIA_TOKEN_FILE")
         if token_file:
             creds = auth.load(str(token_file))
             return creds.tokens.get("admin")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import click
 
-from cilia.cli.client import Client
+from cilia.cli.client import Client, ClientError
+from cilia.cli.cluster import node_client
 from cilia.cli.output import table, to_json, to_yaml
 from cilia.errors import CiliaError
 
@@ -32,6 +35,29 @@ def _labels(text: str | None) -> dict[str, str]:
     return out
 
 
+def find_endpoint(client: Client, ns: str, name: str, node: str | None) -> dict[str, Any]:
+    """The endpoint on `node`, or on the default agent, or on any node of the registry."""
+    if node:
+        rec: dict[str, Any] = node_client(client, node).request(
+            "datapath", "GET", f"/v1/endpoints/{ns}/{name}"
+        )
+        return rec
+    try:
+        rec = client.request("datapath", "GET", f"/v1/endpoints/{ns}/{name}")
+        return rec
+    except ClientError as err:
+        if "not found" not in str(err):
+            raise
+        first = err
+    for n in client.request("datapath", "GET", "/v1/nodes")["items"]:
+        if n.get("self") or not n.get("api"):
+            continue
+        with contextlib.suppress(ClientError):
+            rec = node_client(client, n["name"]).request("datapath", "GET", f"/v1/endpoints/{ns}/{name}")
+            return rec
+    raise first
+
+
 @click.group()
 def endpoint() -> None:
     """Workloads on a node: each one a network namespace with a veth, an identity and policy."""
@@ -48,6 +74,7 @@ def endpoint() -> None:
 @click.option("--port", "ports", multiple=True, help="a named port, name=80 or name=53/UDP (repeatable)")
 @click.option("--service-account", default="default", show_default=True)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--node", default=None, help="The node whose agent to ask (default: CILIA_DATAPATH_URL's).")
 @click.pass_obj
 def add_cmd(
     client: Client,
@@ -59,6 +86,7 @@ def add_cmd(
     ports: tuple[str, ...],
     service_account: str,
     output: str,
+    node: str | None,
 ) -> None:
     """Create an endpoint, like a CNI ADD: namespace, veth, address, identity, programs, map state."""
     named: dict[str, str] = {}
@@ -76,7 +104,7 @@ def add_cmd(
         "namedPorts": {k: (int(v) if v.isdigit() else v) for k, v in named.items()},
         "serviceAccount": service_account,
     }
-    rec = client.request("datapath", "POST", "/v1/endpoints", json=body)
+    rec = node_client(client, node).request("datapath", "POST", "/v1/endpoints", json=body)
     if output == "json":
         click.echo(to_json(rec))
     else:
@@ -91,10 +119,11 @@ def _enforcement(on: bool) -> str:
 
 @endpoint.command("list")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--node", default=None, help="The node whose agent to ask (default: CILIA_DATAPATH_URL's).")
 @click.pass_obj
-def list_cmd(client: Client, output: str) -> None:
+def list_cmd(client: Client, output: str, node: str | None) -> None:
     """The node's endpoints, with the columns of `cilium-dbg endpoint list`."""
-    reply = client.request("datapath", "GET", "/v1/endpoints")
+    reply = node_client(client, node).request("datapath", "GET", "/v1/endpoints")
     if output == "json":
         click.echo(to_json(reply))
         return
@@ -136,29 +165,32 @@ def list_cmd(client: Client, output: str) -> None:
 @endpoint.command("get")
 @click.argument("ref")
 @click.option("-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
+@click.option("--node", default=None, help="The node whose agent to ask (default: CILIA_DATAPATH_URL's).")
 @click.pass_obj
-def get_cmd(client: Client, ref: str, output: str) -> None:
+def get_cmd(client: Client, ref: str, output: str, node: str | None) -> None:
     """One endpoint (NAMESPACE/NAME) with its map state."""
     ns, name = _split_ref(ref)
-    rec = client.request("datapath", "GET", f"/v1/endpoints/{ns}/{name}")
+    rec = node_client(client, node).request("datapath", "GET", f"/v1/endpoints/{ns}/{name}")
     click.echo(to_json(rec) if output == "json" else to_yaml(rec), nl=output == "json")
 
 
 @endpoint.command("delete")
 @click.argument("ref")
+@click.option("--node", default=None, help="The node whose agent to ask (default: CILIA_DATAPATH_URL's).")
 @click.pass_obj
-def delete_cmd(client: Client, ref: str) -> None:
+def delete_cmd(client: Client, ref: str, node: str | None) -> None:
     """Delete an endpoint and everything made for it."""
     ns, name = _split_ref(ref)
-    client.request("datapath", "DELETE", f"/v1/endpoints/{ns}/{name}")
+    node_client(client, node).request("datapath", "DELETE", f"/v1/endpoints/{ns}/{name}")
     click.echo(f"endpoint {ns}/{name} deleted")
 
 
 @endpoint.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("ref")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--node", default=None, help="The node whose agent to ask (default: CILIA_DATAPATH_URL's).")
 @click.pass_obj
-def exec_cmd(client: Client, ref: str, command: tuple[str, ...]) -> None:
+def exec_cmd(client: Client, ref: str, command: tuple[str, ...], node: str | None) -> None:
     """Run COMMAND inside the endpoint's network namespace, like `kubectl exec`:
 
     cilia endpoint exec default/xwing -- curl -s -XPOST http://10.200.0.10/v1/request-landing
@@ -168,7 +200,7 @@ def exec_cmd(client: Client, ref: str, command: tuple[str, ...]) -> None:
         command = command[1:]
     if not command:
         raise CiliaError("give the command to run after --")
-    rec = client.request("datapath", "GET", f"/v1/endpoints/{ns}/{name}")
+    rec = find_endpoint(client, ns, name, node)
     path = rec["network"]["netns_path"]
     nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
     argv = [nsenter, f"--net={path}", "--", *command]

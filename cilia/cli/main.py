@@ -81,7 +81,7 @@ def cli(ctx: click.Context, /, token: str | None, **urls: str | None) -> None:
 
 
 def register() -> None:
-    from cilia.cli import auth, bpf, endpoint, identity, observe, policy, resources, status
+    from cilia.cli import auth, bpf, cluster, endpoint, identity, observe, policy, resources, status
 
     cli.add_command(policy.policy)
     cli.add_command(resources.apply)
@@ -91,6 +91,8 @@ def register() -> None:
     cli.add_command(observe.observe)
     cli.add_command(endpoint.endpoint)
     cli.add_command(bpf.bpf)
+    cli.add_command(cluster.cluster)
+    cli.add_command(cluster.node)
 
 
 def main() -> None:

@@ -42,7 +42,9 @@ class ObserveError(CiliaError):
 
 
 def _reader_credentials() -> tuple[str | None, str | None]:
-    path = os.environ.get("CILIA_TOKEN_FILE")
+    from cilia.cli.client import local_cluster_env
+
+    path = os.environ.get("CILIA_TOKEN_FILE") or local_cluster_env().get("CILIA_TOKEN_FILE")
     if not path:
         return None, None
     creds = auth.load(path)
@@ -221,9 +223,9 @@ async def _observe(
 @click.option(
     "--nats-url",
     envvar="CILIA_NATS_URL",
-    default=DEFAULT_NATS_URL,
-    show_default=True,
-    help="NATS server (env CILIA_NATS_URL); credentials: the reader user of CILIA_TOKEN_FILE.",
+    default=None,
+    help=f"NATS server (env CILIA_NATS_URL, else the local cluster's, else {DEFAULT_NATS_URL}); "
+    "credentials: the reader user of CILIA_TOKEN_FILE.",
 )
 def observe(
     last: int | None,
@@ -250,7 +252,7 @@ def observe(
     traffic_direction: tuple[str, ...],
     output: str,
     print_node_name: bool,
-    nats_url: str,
+    nats_url: str | None,
 ) -> None:
     """Observe flows (drops, policy verdicts, traces, L7), like `hubble observe`."""
     if follow and until:
@@ -283,6 +285,10 @@ def observe(
     if last is None and since_ns is None and not follow:
         last = DEFAULT_LAST
     emit = _printer(output, print_node_name)
+    if not nats_url:
+        from cilia.cli.client import local_cluster_env
+
+        nats_url = local_cluster_env().get("CILIA_NATS_URL", DEFAULT_NATS_URL)
     try:
         asyncio.run(_observe(nats_url, flt, last, follow, since_ns, emit))
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from cilia.errors import CiliaError
-from cilia.identity import HOST
+from cilia.identity import HOST, REMOTE_NODE
 from cilia.labelfilter import identity_labels
 from cilia.models.loader import parse_document
 from cilia.policy.context import PolicyOptions
@@ -32,8 +32,9 @@ from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
 from cilia.policy.repository import PolicyKey, Repository
 from cilia.policy.rules import EGRESS, INGRESS
 from cilia.policy.translate import PolicyResource
-from services.datapath import loader, maps, plumbing, proxyrules
+from services.datapath import loader, maps, overlay, plumbing, proxyrules
 from services.datapath.ipam import Ipam
+from services.datapath.nodes import NodeInfo
 
 log = logging.getLogger("cilia.datapath")
 
@@ -130,6 +131,8 @@ class Agent:
         node_netns: str | None = None,
         options: PolicyOptions | None = None,
         proxy_ports: Mapping[str, int] | None = None,
+        tunnel: bool = True,
+        node_ip: str | None = None,
     ) -> None:
         self.node = node
         self.pin_root = pin_root
@@ -156,6 +159,13 @@ class Agent:
         self.regenerations = 0
         self.applied: dict[str, int] = {}  # policies whose map state is written, with their revision
         self.listeners: list[Callable[[EndpointRecord, str], Awaitable[None]]] = []
+        # Other nodes (the registry), and whether the registry's first listing arrived: until it
+        # has, remote endpoints are kept (a restarting agent must not drop anything).
+        self.tunnel = tunnel
+        self.configured_node_ip = node_ip
+        self.nodes: dict[str, NodeInfo] = {}
+        self.nodes_synced = False
+        self.overlay_ifindex = 0
 
     # --- start-up and restore ------------------------------------------------------------------
 
@@ -178,9 +188,26 @@ class Agent:
         self.programs = await asyncio.to_thread(loader.load, self.pin_root)
         self.maps = maps.DatapathMaps.open(self.pin_root)
         self.node_ips = {str(a) for a in await asyncio.to_thread(plumbing.node_addresses, self.node_netns)}
+        if self.configured_node_ip:
+            self.node_ips.add(self.configured_node_ip)
+        if self.tunnel:
+            await asyncio.to_thread(self._setup_overlay)
         await self._restore()
         await asyncio.to_thread(self._reset_proxies)
         await asyncio.to_thread(self._write_node_ipcache)
+
+    def _setup_overlay(self) -> None:
+        assert self.programs is not None and self.maps is not None
+        self.overlay_ifindex = overlay.ensure_device(self.node_netns, self.node)
+        loader.attach_overlay(self.programs, overlay.DEVICE, self.node_netns)
+        self.maps.config_set(maps.CONFIG_OVERLAY_IFINDEX, self.overlay_ifindex)
+
+    @property
+    def node_ip(self) -> str | None:
+        """The node's address for other nodes (its tunnel endpoint)."""
+        if self.configured_node_ip:
+            return self.configured_node_ip
+        return sorted(self.node_ips, key=lambda a: IPv4Address(a))[0] if self.node_ips else None
 
     def _reset_proxies(self) -> None:
         """Proxies register again after an agent restart; until then their redirects fail closed."""
@@ -258,7 +285,13 @@ class Agent:
                 labels = workload_identity_labels(probe).sorted_strings()
                 identity = await self.allocate(labels)
                 net = await asyncio.to_thread(
-                    plumbing.create_endpoint, spec.namespace, spec.name, ip, self.node_netns, spec.netns
+                    plumbing.create_endpoint,
+                    spec.namespace,
+                    spec.name,
+                    ip,
+                    self.node_netns,
+                    spec.netns,
+                    None if self.node_netns else self.node,
                 )
             except BaseException:
                 self.ipam.release(ip)
@@ -375,7 +408,7 @@ class Agent:
             cluster: dict[str, Workload] = {}
             for doc in records:
                 w = record_to_workload(doc)
-                if w is not None:
+                if w is not None and w.node != self.node:  # our own come from our state, not the store
                     cluster[f"{w.namespace}/{w.name}@{w.node}"] = w
             for rec in self.state.endpoints.values():
                 cluster[self._cluster_key(rec)] = rec.workload()
@@ -389,8 +422,37 @@ class Agent:
             else:
                 await asyncio.to_thread(self._write_ipcache)
 
+    def remote_workloads(self) -> list[Workload]:
+        """Endpoints of other nodes that are (still) in the registry."""
+        return [
+            w
+            for w in self.cluster.values()
+            if w.node != self.node and (not self.nodes_synced or w.node in self.nodes)
+        ]
+
+    async def set_nodes(self, infos: Iterable[NodeInfo]) -> None:
+        """The node registry (a full listing): route other nodes' pod CIDRs into the overlay, point
+        their endpoints' ipcache entries at them, and forget the endpoints of nodes that left."""
+        async with self.lock:
+            remote = {n.name: n for n in infos if n.name != self.node}
+            before = {k: v.routing() for k, v in self.nodes.items()}
+            first = not self.nodes_synced
+            self.nodes = remote
+            self.nodes_synced = True
+            if not first and before == {k: v.routing() for k, v in remote.items()}:
+                return
+            if self.tunnel:
+                wanted = {n.pod_cidr: n.name for n in remote.values()}
+                added, removed = await asyncio.to_thread(overlay.sync_routes, self.node_netns, wanted)
+                if added or removed:
+                    log.info("event=overlay-routes added=%d removed=%d nodes=%d", added, removed, len(remote))
+            if self.policies_synced:
+                await self._regenerate_locked(rebuild=True)
+            elif self.maps is not None:
+                await asyncio.to_thread(self._write_ipcache)
+
     def inventory(self) -> Inventory:
-        workloads = list(self.cluster.values())
+        workloads = self.remote_workloads()
         for rec in self.state.endpoints.values():
             workloads.append(rec.workload())
         seen: dict[str, Workload] = {}
@@ -491,22 +553,26 @@ class Agent:
     def _write_ipcache(self) -> None:
         """Cluster endpoint IPs, the node's addresses, and the engine's CIDR identities."""
         assert self.maps is not None
-        desired: dict[str, int] = {}
-        for w in self.cluster.values():
+        desired: dict[str, tuple[int, str | None]] = {}
+        for w in self.remote_workloads():
             if w.ip is not None and w.identity is not None:
-                desired[f"{w.ip}/32"] = w.identity
+                node = self.nodes.get(w.node or "")
+                tunnel = str(node.ip) if (self.tunnel and node is not None) else None
+                desired[f"{w.ip}/32"] = (w.identity, tunnel)
+        for n in self.nodes.values():
+            desired[f"{n.ip}/32"] = (REMOTE_NODE, None)
         for rec in self.state.endpoints.values():
-            desired[f"{rec.ip}/32"] = rec.identity
+            desired[f"{rec.ip}/32"] = (rec.identity, None)
         for ip in self.node_ips:
-            desired[f"{ip}/32"] = HOST
+            desired[f"{ip}/32"] = (HOST, None)
         if self.engine is not None:
             for net, num in self.engine.ipcache.prefixes.items():
                 if net.version == 4:
-                    desired.setdefault(str(net), num)
-        have = {prefix: ident for prefix, ident, _ in self.maps.ipcache_items()}
-        for prefix, ident in desired.items():
-            if have.get(prefix) != ident:
-                self.maps.ipcache_set(prefix, ident)
+                    desired.setdefault(str(net), (num, None))
+        have = {prefix: (ident, tunnel) for prefix, ident, tunnel in self.maps.ipcache_items()}
+        for prefix, (ident, tunnel) in desired.items():
+            if have.get(prefix) != (ident, tunnel):
+                self.maps.ipcache_set(prefix, ident, tunnel)
         for prefix in set(have) - set(desired):
             self.maps.ipcache_delete(prefix)
 
@@ -640,11 +706,13 @@ class Agent:
         for rec in self.state.endpoints.values():
             if rec.ip == ip:
                 return rec.identity
-        for w in self.cluster.values():
+        for w in self.remote_workloads():
             if w.ip is not None and str(w.ip) == ip and w.identity is not None:
                 return w.identity
         if ip in self.node_ips:
             return HOST
+        if any(str(n.ip) == ip for n in self.nodes.values()):
+            return REMOTE_NODE
         if self.engine is not None:
             return self.engine.ipcache.lookup(ip_address(ip))
         return 2

@@ -62,6 +62,7 @@ DROP_CT_INVALID_HDR = 135
 DROP_UNSUPPORTED_L3 = 139
 DROP_UNKNOWN_L4 = 142
 DROP_FRAG_NOT_SUPPORTED = 157
+DROP_NO_TUNNEL_ENDPOINT = 160
 DROP_PROXY_NOT_BOUND = 178
 DROP_POLICY_DENY = 181
 
@@ -73,6 +74,7 @@ DROP_REASONS: dict[int, str] = {
     DROP_UNSUPPORTED_L3: "Unsupported L3 protocol",
     DROP_UNKNOWN_L4: "Unknown L4 protocol",
     DROP_FRAG_NOT_SUPPORTED: "Fragmented packet not supported",
+    DROP_NO_TUNNEL_ENDPOINT: "No tunnel/encapsulation endpoint (datapath BUG!)",
     DROP_PROXY_NOT_BOUND: "Proxy redirection failed: no proxy listening",
     DROP_POLICY_DENY: "Policy denied by denylist",
 }

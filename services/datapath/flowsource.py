@@ -85,6 +85,10 @@ class AgentFlowContext:
         return FlowPolicy(name=name or ref, namespace=ns, rule=rule, reason=reason)
 
     def interface_name(self, ifindex: int) -> str | None:
+        if ifindex and ifindex == self.agent.overlay_ifindex:
+            from services.datapath.overlay import DEVICE
+
+            return DEVICE
         for rec in self.agent.state.endpoints.values():
             if int(rec.network.get("host_ifindex", 0)) == ifindex:
                 return str(rec.network.get("host_ifname"))

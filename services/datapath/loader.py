@@ -23,8 +23,8 @@ from services.datapath import maps
 log = logging.getLogger("cilia.datapath.loader")
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
-MAIN_SOURCE = BPF_DIR / "bpf_lxc.c"
-PROGRAMS = ("from_container", "to_container")
+MAIN_SOURCE = BPF_DIR / "cilia.c"
+PROGRAMS = ("from_container", "to_container", "to_overlay", "from_overlay")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 
@@ -130,6 +130,12 @@ def attach(programs: LoadedPrograms, ifname: str, netns: str | None = None) -> N
     `tc filter replace` swaps programs atomically, so re-attaching after a restart or an upgrade
     never leaves the interface without a program.
     """
+    _attach_pair(programs, ifname, netns, (("ingress", "from_container"), ("egress", "to_container")))
+
+
+def _attach_pair(
+    programs: LoadedPrograms, ifname: str, netns: str | None, hooks: tuple[tuple[str, str], ...]
+) -> None:
     qdisc = subprocess.run(
         in_netns(["tc", "qdisc", "show", "dev", ifname], netns),
         capture_output=True,
@@ -138,7 +144,7 @@ def attach(programs: LoadedPrograms, ifname: str, netns: str | None = None) -> N
     )
     if "clsact" not in qdisc.stdout:
         _tc(["qdisc", "add", "dev", ifname, "clsact"], netns)
-    for hook, name in (("ingress", "from_container"), ("egress", "to_container")):
+    for hook, name in hooks:
         _tc(
             [
                 "filter", "replace", "dev", ifname, hook, "prio", "1", "handle", "1",
@@ -146,6 +152,11 @@ def attach(programs: LoadedPrograms, ifname: str, netns: str | None = None) -> N
             ],
             netns,
         )  # fmt: skip
+
+
+def attach_overlay(programs: LoadedPrograms, ifname: str, netns: str | None = None) -> None:
+    """Attach from_overlay at TC ingress and to_overlay at TC egress of the node's tunnel device."""
+    _attach_pair(programs, ifname, netns, (("ingress", "from_overlay"), ("egress", "to_overlay")))
 
 
 def detach(ifname: str, netns: str | None = None) -> None:

@@ -18,12 +18,14 @@ from prometheus_client.registry import Collector
 from pydantic import Field
 
 from cilia import bus
-from cilia.kvstore import EventKind, KVStore
+from cilia.kvstore import EventKind, KVStore, Lease
+from cilia.kvstore.errors import LeaseExpiredError
 from cilia.service import Service
 from cilia.settings import Settings
 from services.datapath import localapi, maps
 from services.datapath.agent import Agent, EndpointRecord
 from services.datapath.eventtypes import DROP_REASONS, RawEvent
+from services.datapath.nodes import NodeInfo, node_key
 from services.datapath.ringbuf import EventReader
 from services.identity.models import AllocateRequest, IdentityReply, ReleaseReply, ReleaseRequest
 from services.policy.store import key_of
@@ -40,6 +42,10 @@ class DatapathSettings(Settings):
     endpoints_bucket: str = bus.BUCKET_ENDPOINTS
     ct_gc_interval_seconds: float = Field(default=30.0, gt=0)
     flow_buffer: int = Field(default=10000, gt=0)
+    nodes_bucket: str = bus.BUCKET_NODES
+    tunnel: str = Field(default="vxlan", pattern="^(vxlan|disabled)$")
+    node_ip: str | None = None  # the address other nodes tunnel to (default: the node's first)
+    node_lease_seconds: int = Field(default=15, ge=1)
 
     def pins(self) -> Path:
         return self.pin_root or maps.pin_root(self.node)
@@ -149,7 +155,10 @@ def build(settings: DatapathSettings | None = None) -> Service:
         allocate,
         release,
         settings.node_netns,
+        tunnel=settings.tunnel == "vxlan",
+        node_ip=settings.node_ip,
     )
+    registry: dict[str, NodeInfo] = {}
 
     async def publish_endpoint(rec: EndpointRecord, what: str) -> None:
         kv: KVStore | None = service.kv
@@ -236,6 +245,79 @@ def build(settings: DatapathSettings | None = None) -> Service:
                     records.pop(ev.key, None)
                 if synced:
                     await agent.set_cluster_endpoints(records.values())
+
+    @service.app.get("/v1/nodes", tags=["nodes"], dependencies=[Depends(service.require_read())])
+    async def nodes() -> dict[str, Any]:
+        """The node registry as this node sees it (itself included), with each node's health."""
+        items = []
+        for info in sorted(registry.values(), key=lambda n: n.name):
+            doc = info.model_dump(mode="json")
+            doc["health"] = info.health()
+            doc["self"] = info.name == settings.node
+            items.append(doc)
+        return {"node": settings.node, "items": items}
+
+    def own_info() -> NodeInfo | None:
+        ip = agent.node_ip
+        if ip is None:
+            return None
+        host, port = settings.http_host_port()
+        api_host = ip if host in ("0.0.0.0", "") else host
+        return NodeInfo(
+            name=settings.node,
+            ip=ip,  # type: ignore[arg-type]
+            pod_cidr=settings.pod_cidr,
+            api=f"http://{api_host}:{port}",
+            endpoints=len(agent.endpoints()),
+            started=started,
+            lease_seconds=settings.node_lease_seconds,
+        )
+
+    started = time.time()
+
+    @service.task
+    async def announce_node(svc: Service) -> None:
+        """Keep this node in the registry: a put under a lease at a third of its TTL."""
+        assert svc.kv is not None
+        lease: Lease | None = None
+        key = node_key(settings.nodes_bucket, settings.node)
+        while True:
+            info = own_info()
+            if info is not None:
+                try:
+                    if lease is None:
+                        lease = await svc.kv.grant(settings.node_lease_seconds)
+                    await svc.kv.put(key, info.model_dump_json().encode(), lease)
+                except LeaseExpiredError:
+                    lease = None
+                    continue
+                except Exception as err:
+                    log.debug("event=node-heartbeat-failed error=%r", str(err))
+            await asyncio.sleep(max(settings.node_lease_seconds / 3, 0.2))
+
+    @service.task
+    async def watch_nodes(svc: Service) -> None:
+        """Other nodes: tunnel endpoints, pod CIDR routes, and whose endpoints still count."""
+        assert svc.kv is not None
+        prefix = f"{settings.nodes_bucket}/"
+        synced = False
+        async with svc.kv.watch(prefix) as events:
+            async for ev in events:
+                if ev.kind is EventKind.LIST_DONE:
+                    synced = True
+                elif ev.kind is EventKind.PUT:
+                    try:
+                        info = NodeInfo.model_validate_json(ev.value)
+                    except ValueError as err:
+                        log.warning("event=node-record-invalid key=%s error=%r", ev.key, str(err))
+                        continue
+                    registry[info.name] = info
+                else:
+                    name = ev.key.rsplit("/", 1)[-1]
+                    if registry.pop(name, None) is not None:
+                        log.info("event=node-gone node=%s", name)
+                if synced:
+                    await agent.set_nodes(registry.values())
 
     @service.task
     async def events(svc: Service) -> None:

@@ -30,6 +30,8 @@ CT = "ct"
 METRICS = "metrics"
 PROXY_PORTS = "proxy_ports"
 POLICY_REV = "policy_rev"
+CONFIG = "config"
+CONFIG_OVERLAY_IFINDEX = 0
 EVENTS = "events"
 MAP_NAMES = (IPCACHE, ENDPOINTS, POLICY, CT, METRICS, PROXY_PORTS, POLICY_REV, EVENTS)
 METRICS_SLOTS = 1024  # index = reason * 4 + direction
@@ -402,6 +404,7 @@ class DatapathMaps:
     metrics: BPFMap[ctypes.c_uint32, MetricsValueC]  # type: ignore[type-var]
     proxy_ports: BPFMap[ctypes.c_uint16, ctypes.c_uint8]  # type: ignore[type-var]
     policy_rev: BPFMap[ctypes.c_uint32, ctypes.c_uint32]  # type: ignore[type-var]
+    config: BPFMap[ctypes.c_uint32, ctypes.c_uint32]  # type: ignore[type-var]
 
     @classmethod
     def open(cls, root: Path) -> DatapathMaps:
@@ -414,6 +417,7 @@ class DatapathMaps:
             BPFMap(root / METRICS, ctypes.c_uint32, MetricsValueC, per_cpu=True),  # type: ignore[type-var]
             BPFMap(root / PROXY_PORTS, ctypes.c_uint16, ctypes.c_uint8),  # type: ignore[type-var]
             BPFMap(root / POLICY_REV, ctypes.c_uint32, ctypes.c_uint32),  # type: ignore[type-var]
+            BPFMap(root / CONFIG, ctypes.c_uint32, ctypes.c_uint32),  # type: ignore[type-var]
         )
 
     def close(self) -> None:
@@ -425,6 +429,7 @@ class DatapathMaps:
             self.metrics,
             self.proxy_ports,
             self.policy_rev,
+            self.config,
         ):
             m.close()
 
@@ -520,6 +525,14 @@ class DatapathMaps:
         new = (self.policy_revision() + 1) & 0xFFFFFFFF
         self.policy_rev.update(ctypes.c_uint32(0), ctypes.c_uint32(new))
         return new
+
+    # node configuration
+    def config_set(self, index: int, value: int) -> None:
+        self.config.update(ctypes.c_uint32(index), ctypes.c_uint32(value))
+
+    def config_get(self, index: int) -> int:
+        value = self.config.lookup(ctypes.c_uint32(index))
+        return int(value.value) if value is not None else 0
 
     # proxy ports
     def proxy_port_set(self, port: int) -> None:

@@ -282,8 +282,12 @@ def create_endpoint(
     ip: IPv4Address | str,
     node_netns: str | None = None,
     netns_path: str | None = None,
+    node_key: str | None = None,
 ) -> EndpointNetwork:
     """Plumb an endpoint: its netns (or the existing one at `netns_path`), a veth pair to the node, addresses and routes.
+
+    `node_key` names the node in the endpoint's interface names when the agent runs inside the node's
+    namespace (no `node_netns`), so two nodes of one machine never pick the same names.
 
     Idempotent: an endpoint already plumbed with the same IP is returned as it is (same ifindex). On any
     failure everything this call made is removed again, and a PlumbingError says which step failed.
@@ -292,7 +296,7 @@ def create_endpoint(
         address = IPv4Address(ip)
     except ValueError:
         raise PlumbingError(f"endpoint {namespace}/{name}: {ip!r} is not an IPv4 address") from None
-    names = endpoint_names(namespace, name, node_netns)
+    names = endpoint_names(namespace, name, node_netns or node_key)
     node_path = _node_path(node_netns)
     owns_netns = netns_path is None
     pod_path = _named_netns_path(names.netns) if netns_path is None else netns_path

@@ -138,6 +138,23 @@ static __always_inline __u32 remote_identity(__u32 addr)
 	return v ? v->identity : IDENTITY_WORLD;
 }
 
+/* A destination that is not a local endpoint: its identity, and whether it lives behind the
+ * overlay (an endpoint of another node), in which case the trace point is to-overlay, observed
+ * on the node's tunnel device, as Hubble shows it. */
+static __always_inline __u8 remote_destination(__u32 addr, struct ctx_info *c)
+{
+	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
+	struct ipcache_value *v = ipcache.lookup(&key);
+	c->dst_identity = v ? v->identity : IDENTITY_WORLD;
+	if (!v || !v->tunnel_endpoint)
+		return TRACE_TO_STACK;
+	__u32 idx = CONFIG_OVERLAY_IFINDEX;
+	__u32 *ifindex = config.lookup(&idx);
+	if (ifindex && *ifindex)
+		c->ifindex = *ifindex;
+	return TRACE_TO_OVERLAY;
+}
+
 /* Steer to the node's proxy: a mark that the node's nft rules turn into tproxy/redirect to
  * `port`. Fails closed when no proxy registered the port. */
 static __always_inline int to_proxy(struct __sk_buff *skb, const struct pkt *p, struct ctx_info *c,
@@ -196,27 +213,30 @@ int from_container(struct __sk_buff *skb)
 		 * The destination is looked up only for the (rare) trace event. */
 		count(0, DIR_EGRESS, p.len);
 		if (new_flags) {
+			__u8 at = TRACE_TO_LXC;
 			dst = endpoints.lookup(&p.daddr);
 			if (dst) {
 				c.dst_ep = dst->ep_id;
 				c.dst_identity = dst->identity;
 			} else {
-				c.dst_identity = remote_identity(p.daddr);
+				at = remote_destination(p.daddr, &c);
 			}
-			emit(&p, &c, EVENT_TRACE, dst ? TRACE_TO_LXC : TRACE_TO_STACK, VERDICT_FORWARDED, MATCH_NONE,
-			     state == CT_REPLY, 0, 0);
+			emit(&p, &c, EVENT_TRACE, at, VERDICT_FORWARDED, MATCH_NONE, state == CT_REPLY, 0, 0);
 		}
 		skb->mark = MARK_JUDGED;
 		return TC_ACT_OK;
 	}
+	__u8 point = TRACE_TO_LXC;
+	__u32 veth = c.ifindex;
 	dst = endpoints.lookup(&p.daddr);
 	if (dst) {
 		c.dst_ep = dst->ep_id;
 		c.dst_identity = dst->identity;
 	} else {
-		c.dst_identity = remote_identity(p.daddr);
+		point = remote_destination(p.daddr, &c);
 	}
-	__u8 point = dst ? TRACE_TO_LXC : TRACE_TO_STACK;
+	__u32 trace_ifindex = c.ifindex;
+	c.ifindex = veth;   /* verdicts and drops are observed on the endpoint's device */
 
 	struct policy_result eg = { .verdict = POLICY_ALLOW, .match_type = MATCH_ALL };
 	if (src->flags & EP_F_EGRESS_ENFORCED)
@@ -245,9 +265,11 @@ int from_container(struct __sk_buff *skb)
 			emit(&p, &c, EVENT_POLICY_VERDICT, 0, VERDICT_FORWARDED, in.match_type, 0, in.cookie, 0);
 			c.direction = DIR_EGRESS;
 		}
+		c.ifindex = trace_ifindex;
 		emit(&p, &c, EVENT_TRACE, point, VERDICT_FORWARDED, MATCH_NONE, 0, cookie, 0);
 	} else {
 		ct_cache_verdict(&p);
+		c.ifindex = trace_ifindex;
 		if (new_flags)
 			emit(&p, &c, EVENT_TRACE, point, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
 	}

@@ -37,7 +37,9 @@
 #define TRACE_TO_LXC   0
 #define TRACE_TO_PROXY 1
 #define TRACE_TO_STACK 3
+#define TRACE_TO_OVERLAY 4
 #define TRACE_FROM_LXC 5
+#define TRACE_FROM_OVERLAY 9
 
 #define DROP_INVALID_SOURCE_IP  132
 #define DROP_POLICY             133
@@ -46,6 +48,7 @@
 #define DROP_UNSUPPORTED_L3     139
 #define DROP_UNKNOWN_L4         142
 #define DROP_FRAG_NOT_SUPPORTED 157
+#define DROP_NO_TUNNEL_ENDPOINT 160
 #define DROP_PROXY_NOT_BOUND    178
 #define DROP_POLICY_DENY        181
 
@@ -65,6 +68,7 @@
 
 #define IDENTITY_HOST  1
 #define IDENTITY_WORLD 2
+#define IDENTITY_REMOTE_NODE 6
 
 #define ETH_P_ARP_BE  0x0608   /* htons(ETH_P_ARP) */
 #define ETH_P_IP_BE   0x0008   /* htons(ETH_P_IP) */

@@ -108,6 +108,18 @@ static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_f
 	return CT_NEW;
 }
 
+/* The identity conntrack recorded for the peer that sent this packet: the source of an original-
+ * direction packet, the destination (the responder) for a reply. 0: no entry. */
+static __always_inline __u32 ct_peer_identity(const struct pkt *p, int state)
+{
+	struct ct_key k = {};
+	ct_key_of(p, &k, state == CT_REPLY);
+	struct ct_entry *e = ct.lookup(&k);
+	if (!e)
+		return 0;
+	return state == CT_REPLY ? e->dst_identity : e->src_identity;
+}
+
 /* Remember that this original-direction packet was allowed at the current policy revision. */
 static __always_inline void ct_cache_verdict(const struct pkt *p)
 {

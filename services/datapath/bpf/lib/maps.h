@@ -103,4 +103,8 @@ BPF_TABLE_PINNED("array", __u32, __u32, policy_rev, 1, PIN("policy_rev"));
 /* Proxy ports a proxy has registered on this node; redirects to any other port fail closed. */
 BPF_TABLE_PINNED("hash", __u16, __u8, proxy_ports, 256, PIN("proxy_ports"));
 
+/* Node configuration the agent writes: CONFIG_OVERLAY_IFINDEX = the node's cilia_vxlan device. */
+#define CONFIG_OVERLAY_IFINDEX 0
+BPF_TABLE_PINNED("array", __u32, __u32, config, 4, PIN("config"));
+
 #endif

@@ -1,0 +1,356 @@
+"""A cluster on one machine: nodes as namespaces, the VXLAN overlay, identities across nodes.
+
+Real packets between pods on different nodes, through both nodes' eBPF programs and the kernel's
+VXLAN device; real nats-server; the cluster is built by the same code as `cilia cluster up`.
+"""
+
+# ruff: noqa: F811  (the cluster fixtures are imported from cluster_support)
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cluster_support import ClusterHarness, ClusterInternet, cluster, cluster3, running_cluster  # noqa: F401
+from conftest import VENV_BIN, eventually
+from test_datapath_scenarios import pure_l3l4
+
+from cilia.cluster import process_alive
+from cilia.scenario import Target, evaluate, load_scenario
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+RULE1 = textwrap.dedent(
+    """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: rule1}
+    spec:
+      endpointSelector: {matchLabels: {org: empire, class: deathstar}}
+      ingress:
+      - fromEndpoints: [{matchLabels: {org: empire}}]
+        toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+    """
+)
+
+
+def starwars(c: ClusterHarness) -> None:
+    """tiefighter on the first node, xwing on the second, deathstar on the third."""
+    nodes = c.nodes
+    c.add(nodes[0], "tiefighter", {"org": "empire", "class": "tiefighter"})
+    c.add(nodes[1], "xwing", {"org": "alliance", "class": "xwing"})
+    c.add(nodes[2], "deathstar-1", {"org": "empire", "class": "deathstar"})
+    c.serve("default/deathstar-1", "tcp-echo", 80)
+
+
+# --- the shared scenarios, pods spread over three nodes ------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["starwars.yaml", "bookinfo.yaml", "mediabot-dns.yaml"])
+def test_scenario_probes_across_three_nodes_agree_with_the_matrix(
+    cluster: ClusterHarness, scenario: str
+) -> None:
+    text = (EXAMPLES / scenario).read_text()
+    sc = load_scenario(text, scenario)
+    expected = evaluate(sc)
+    pure = [r for r in expected if pure_l3l4(r)]
+    if scenario == "mediabot-dns.yaml":
+        # Every probe of this scenario names an FQDN or DNS (the DNS proxy's tests cover it).
+        assert pure == []
+        return
+    assert pure
+    nodes = cluster.nodes
+    placement: dict[str, str] = {}
+    for i, pod in enumerate(sc.spec.pods):
+        node = nodes[i % len(nodes)]
+        placement[f"{pod.namespace}/{pod.name}"] = node
+        cluster.add(
+            node,
+            pod.name,
+            dict(pod.labels),
+            pod.namespace,
+            namedPorts=dict(pod.ports),
+            serviceAccount=pod.serviceAccount,
+        )
+    assert len(set(placement.values())) == 3
+    if any(isinstance(r.probe.to, Target) for r in pure):
+        cluster.internet = ClusterInternet(cluster)
+    servers = set()
+    for r in pure:
+        p = r.probe
+        if p.protocol == "ICMP":
+            continue
+        kind = "tcp-echo" if p.protocol == "TCP" else "udp-echo"
+        key = (str(p.to), p.protocol, p.port)
+        if key in servers:
+            continue
+        servers.add(key)
+        if isinstance(p.to, str):
+            cluster.serve(p.to if "/" in p.to else f"default/{p.to}", kind, p.port)
+        else:
+            assert cluster.internet is not None
+            cluster.internet.serve(kind, str(p.to.ip), p.port)
+    raw = yaml.safe_load(text)
+    mismatches, crossing = [], 0
+    for i, step in enumerate(sc.spec.steps):
+        if not step.cumulative:
+            cluster.delete_all_policies()
+        for d in step.delete:
+            cluster.delete_policy(str(d["name"]), str(d["kind"]), str(d.get("namespace") or "default"))
+        if raw["steps"][i].get("apply"):
+            cluster.apply(yaml.safe_dump_all(raw["steps"][i]["apply"], sort_keys=False))
+        for r in (x for x in pure if x.step_index == i):
+            p = r.probe
+            src = str(p.from_) if "/" in str(p.from_) else f"default/{p.from_}"
+            if isinstance(p.to, str):
+                dst_ref = p.to if "/" in p.to else f"default/{p.to}"
+                dst = cluster.ip(dst_ref)
+                crossing += placement[src] != placement[dst_ref]
+            else:
+                dst = str(p.to.ip)
+            got = cluster.probe(src, dst, p.port or 0, p.protocol)
+            if got != r.verdict.allowed:
+                mismatches.append(f"step {i + 1} {r.record()}: real packet {'passed' if got else 'dropped'}")
+    assert mismatches == []
+    assert crossing > 0, "some probes crossed the overlay"
+
+
+# --- identity in the VNI --------------------------------------------------------------------------
+
+FORGE = textwrap.dedent(
+    """
+    import socket, struct, sys
+    def csum(b):
+        if len(b) % 2:
+            b += b"\\0"
+        s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        return ~s & 0xFFFF
+    node, vni, src, dst, dport, sport = sys.argv[1:7]
+    s_ip, d_ip = socket.inet_aton(src), socket.inet_aton(dst)
+    tcp = struct.pack("!HHIIBBHHH", int(sport), int(dport), 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    tcp = tcp[:16] + struct.pack("!H", csum(s_ip + d_ip + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, s_ip, d_ip)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    eth = bytes.fromhex("02c100000001") + bytes.fromhex("02c100000002") + b"\\x08\\x00"
+    vxlan = struct.pack("!II", 0x08000000, int(vni) << 8)
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(vxlan + eth + ip + tcp, (node, 8472))
+    """
+)
+
+
+def forge(c: ClusterHarness, from_node: str, to_node: str, vni: int, src: str, dst: str, sport: int) -> None:
+    netns = c.state.nodes[from_node].netns
+    argv = ["nsenter", f"--net=/run/netns/{netns}", "--", str(VENV_BIN / "python"), "-c", FORGE]
+    argv += [c.state.nodes[to_node].ip, str(vni), src, dst, "80", str(sport)]
+    subprocess.run(argv, check=True, timeout=20)
+
+
+def verdicts_for(c: ClusterHarness, node: str, sport: int) -> list[dict]:
+    return [
+        f
+        for f in c.flows(node)
+        if f.get("event_type", {}).get("type") == 5
+        and f.get("l4", {}).get("TCP", {}).get("source_port") == sport
+    ]
+
+
+def test_the_destination_judges_by_the_vni_identity_not_the_inner_source(cluster: ClusterHarness) -> None:
+    starwars(cluster)
+    cluster.apply(RULE1)
+    tie, xwing = cluster.records["default/tiefighter"], cluster.records["default/xwing"]
+    target = cluster.ip("default/deathstar-1")
+    assert cluster.probe("default/tiefighter", target, 80)
+    assert not cluster.probe("default/xwing", target, 80, timeout=0.5)
+    # From xwing's node: the tiefighter's address inside, the xwing's identity in the VNI -> denied.
+    _n1, n2, n3 = cluster.nodes
+    forge(cluster, n2, n3, xwing["identity"], tie["ip"], target, 41001)
+    denied = eventually(lambda: verdicts_for(cluster, n3, 41001), what="the forged packet's verdict")
+    assert denied[0]["verdict"] == "DROPPED"
+    assert denied[0]["source"]["identity"] == xwing["identity"]
+    assert denied[0]["IP"]["source"] == tie["ip"]
+    # The other way round: the xwing's address, the tiefighter's identity -> judged as tiefighter.
+    forge(cluster, n2, n3, tie["identity"], xwing["ip"], target, 41002)
+    allowed = eventually(lambda: verdicts_for(cluster, n3, 41002), what="the second packet's verdict")
+    assert allowed[0]["verdict"] == "FORWARDED"
+    assert allowed[0]["source"]["identity"] == tie["identity"]
+
+
+def test_flows_show_the_overlay_hops_on_both_nodes(cluster: ClusterHarness) -> None:
+    starwars(cluster)
+    target = cluster.ip("default/deathstar-1")
+    assert cluster.probe("default/tiefighter", target, 80)
+
+    def hop(node: str, point: str) -> dict | None:
+        for f in cluster.flows(node):
+            if f.get("trace_observation_point") == point and f.get("IP", {}).get("destination") == target:
+                return f
+        return None
+
+    n1, _n2, n3 = cluster.nodes
+    out = eventually(lambda: hop(n1, "TO_OVERLAY"), what="a to-overlay trace on node1")
+    assert out["interface"]["name"] == "cilia_vxlan" and out["node_name"] == n1
+    assert out["traffic_direction"] == "EGRESS"
+    assert out["source"]["pod_name"] == "tiefighter" and out["destination"]["pod_name"] == "deathstar-1"
+    inbound = eventually(lambda: hop(n3, "FROM_OVERLAY"), what="a from-overlay trace on node3")
+    assert (
+        inbound["node_name"] == n3
+        and inbound["source"]["identity"] == cluster.records["default/tiefighter"]["identity"]
+    )
+    compact = cluster.cli("observe", "--last", "500", "--node-name", n1)
+    assert compact.returncode == 0, compact.stderr
+    assert "default/tiefighter" in compact.stdout and "to-overlay FORWARDED" in compact.stdout
+
+
+# --- nodes joining, leaving, dying ----------------------------------------------------------------
+
+
+def test_a_node_that_joins_and_leaves_updates_every_other_node(cluster: ClusterHarness) -> None:
+    n1, n2, n3 = cluster.nodes
+    n4 = f"{cluster.name}-node4"
+    a = cluster.add(n1, "a", {"app": "a"})
+    cluster.lc.add_node("node4")
+    cluster.refresh()
+    try:
+        for n in (n1, n2, n3):
+            eventually(lambda n=n: n4 in cluster.registry(n), what=f"{n} seeing node4")
+        d = cluster.add(n4, "d", {"app": "d"})
+        node4 = cluster.state.nodes[n4]
+        eventually(
+            lambda: cluster.ipcache(n1).get(f"{d['ip']}/32") == (d["identity"], node4.ip),
+            what="node1's ipcache pointing d at node4",
+        )
+        assert cluster.probe("default/a", d["ip"], 0, "ICMP")
+        assert cluster.exec("default/d", "ping", "-c1", "-W1", a["ip"]).returncode == 0
+        listing = cluster.cli("node", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert n4 in listing.stdout and node4.pod_cidr in listing.stdout
+    finally:
+        cluster.records.pop("default/d", None)
+        cluster.lc.delete_node("node4")
+        cluster.refresh()
+    eventually(lambda: n4 not in cluster.registry(n1), 30, "node1 forgetting node4")
+    eventually(lambda: f"{d['ip']}/32" not in cluster.ipcache(n1), what="node4's pod leaving node1's ipcache")
+    routes = subprocess.run(["ip", "-n", n1, "route"], capture_output=True, text=True).stdout
+    assert node4.pod_cidr not in routes
+
+
+def test_a_dead_node_is_dropped_after_its_lease_and_the_others_never_stop(tmp_path: Path) -> None:
+    with running_cluster(tmp_path, 3, lease_seconds=4) as c:
+        n1, n2, n3 = c.nodes
+        a = c.add(n1, "a", {"app": "a"})
+        b = c.add(n2, "b", {"app": "b"})
+        z = c.add(n3, "z", {"app": "z"})
+        eventually(lambda: f"{z['ip']}/32" in c.ipcache(n1), what="node1 knowing node3's pod")
+        pinger = subprocess.Popen(
+            c.argv("default/a", "ping", "-q", "-c", "60", "-i", "0.2", "-W", "1", b["ip"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        c.lc.kill_node(n3)
+        eventually(lambda: n3 not in c.registry(n1), 30, "node1 dropping node3 after its lease")
+        eventually(
+            lambda: f"{z['ip']}/32" not in c.ipcache(n1), what="node3's endpoint leaving node1's ipcache"
+        )
+        eventually(lambda: n3 not in c.registry(n2), 30, "node2 dropping node3")
+        out, _ = pinger.communicate(timeout=60)
+        assert " 0% packet loss" in out, out
+        assert c.exec("default/b", "ping", "-c1", "-W1", a["ip"]).returncode == 0
+
+
+def test_nats_restarting_while_traffic_crosses_nodes_drops_nothing_allowed(cluster: ClusterHarness) -> None:
+    starwars(cluster)
+    cluster.apply(RULE1)
+    target = cluster.ip("default/deathstar-1")
+    pinger = subprocess.Popen(
+        cluster.argv(
+            "default/tiefighter",
+            "ping",
+            "-q",
+            "-c",
+            "40",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            cluster.ip("default/xwing"),
+        ),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stream = subprocess.Popen(
+        cluster.argv(
+            "default/tiefighter",
+            str(VENV_BIN / "python"),
+            "-c",
+            "import socket,sys,time\n"
+            "s=socket.create_connection((sys.argv[1],80),timeout=2)\n"
+            "for i in range(40):\n"
+            "    s.sendall(b'x%d\\n'%i); assert s.recv(64)\n"
+            "    time.sleep(0.2)\n"
+            "print('stream ok')",
+            target,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1)
+    cluster.lc.restart("nats")
+    out, _ = pinger.communicate(timeout=60)
+    sout, serr = stream.communicate(timeout=60)
+    assert " 0% packet loss" in out, out
+    assert "stream ok" in sout, serr
+    assert not cluster.probe("default/xwing", target, 80, timeout=0.5)
+    # The control plane caught up: a new policy reaches every node.
+    cluster.apply(RULE1.replace("org: empire}}]", "class: xwing}}]"))
+    assert cluster.probe("default/xwing", target, 80)
+
+
+def test_the_cli_builds_reports_and_removes_a_cluster(tmp_path: Path) -> None:
+    from cluster_support import _free_underlay
+
+    state = tmp_path / "kind"
+    env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "CILIA_CLUSTER_DIR": str(state)}
+    cilia = str(VENV_BIN / "cilia")
+    name = f"k{int(time.time()) % 100000}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cilia, *args], capture_output=True, text=True, timeout=180, env=env)
+
+    up = run("cluster", "up", "--nodes", "2", "--name", name, "--underlay", str(_free_underlay()))
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "export CILIA_POLICY_URL=" in up.stdout and "export CILIA_DATAPATH_URL=" in up.stdout
+        status = run("cluster", "status")
+        assert status.returncode == 0, status.stdout
+        assert status.stdout.count("yes") >= 10
+        added = run(
+            "endpoint", "add", "--name", "web", "--labels", "app=web", "--node", "node2", "-o", "json"
+        )
+        assert added.returncode == 0, added.stderr
+        web = json.loads(added.stdout)
+        assert web["node"] == f"{name}-node2"
+        run("endpoint", "add", "--name", "cli", "--labels", "app=cli", "--node", "node1")
+        ping = run("endpoint", "exec", "default/cli", "--", "ping", "-c1", "-W1", web["ip"])
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        nodes = run("node", "list")
+        assert f"{name}-node1 (this node)" in nodes.stdout and f"{name}-node2" in nodes.stdout
+        pid = json.loads((state / "cluster.json").read_text())["nodes"][f"{name}-node2"]["processes"][
+            "datapath"
+        ]
+    finally:
+        down = run("cluster", "down")
+    assert down.returncode == 0, down.stderr
+    assert not state.exists()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{name}-" not in netns
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert f"{name}-br" not in links and f"{name}-u" not in links
+    assert not Path(f"/sys/fs/bpf/cilia/{name}-node2").exists()
+    eventually(lambda: not process_alive(pid), what=f"the agent (pid {pid}) exiting")
