@@ -552,12 +552,20 @@ class LocalCluster:
         for role, pid in state.processes.items():
             url = state.urls.get(role)
             ready = _ready(url) if url else process_alive(pid)
-            rows.append({"component": role, "node": "", "pid": pid, "alive": process_alive(pid), "ready": ready})
+            rows.append(
+                {"component": role, "node": "", "pid": pid, "alive": process_alive(pid), "ready": ready}
+            )
         for n in state.nodes.values():
             for role, pid in n.processes.items():
                 ready = _ready(n.api) if role == "datapath" else process_alive(pid)
                 rows.append(
-                    {"component": role, "node": n.name, "pid": pid, "alive": process_alive(pid), "ready": ready}
+                    {
+                        "component": role,
+                        "node": n.name,
+                        "pid": pid,
+                        "alive": process_alive(pid),
+                        "ready": ready,
+                    }
                 )
         return {"name": state.name, "state_dir": state.state_dir, "components": rows, "env": state.env()}
 

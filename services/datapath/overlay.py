@@ -50,7 +50,9 @@ def ensure_device(netns: str | None, node: str, mtu: int = MTU) -> int:
             netns,
         )
     _run(["sysctl", "-qw", f"net.ipv6.conf.{DEVICE}.disable_ipv6=1"], netns, check=False)
-    _run(["ip", "link", "set", DEVICE, "address", device_mac(node), "arp", "off", "mtu", str(mtu), "up"], netns)
+    _run(
+        ["ip", "link", "set", DEVICE, "address", device_mac(node), "arp", "off", "mtu", str(mtu), "up"], netns
+    )
     info = json.loads(_run(["ip", "-j", "link", "show", "dev", DEVICE], netns).stdout)
     return int(info[0]["ifindex"])
 
