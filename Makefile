@@ -28,6 +28,7 @@ bench: bootstrap
 	$(PY) bench/engine.py
 	$(PY) bench/control_plane.py
 	$(PY) bench/datapath.py
+	$(PY) bench/cluster.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache bench/out

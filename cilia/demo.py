@@ -1,9 +1,12 @@
-"""`make demo`: the Star Wars story on real packets, on this machine, then the offline matrices.
+"""`make demo`: Star Wars and BookInfo on real packets, on a two-node cluster on this machine, then the
+offline matrices.
 
-Starts nats-server, the identity, policy and datapath services as processes, a node namespace,
-and the Star Wars pods as namespaces behind the eBPF datapath; shows both ships landing, applies
-rule1, shows the xwing timing out and the flows that say why. Everything it made is removed on exit
-or Ctrl-C. Needs root (namespaces, BPF).
+Builds a cluster with `cilia.cluster` (what `cilia cluster up --nodes 2` does: NATS, the identity and
+policy services, two node namespaces joined by a VXLAN overlay, each with its datapath agent), runs
+the pods as namespaces behind the eBPF datapath, spread over both nodes, and tells two stories:
+Star Wars (both ships land; rule1; the xwing times out) and BookInfo (productpage locked down, then
+allowed to reviews and details on the other node), with the flows that say why, one of them
+crossing the overlay. Everything it made is removed on exit or Ctrl-C. Needs root.
 """
 
 from __future__ import annotations
@@ -12,29 +15,26 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 from cilia import auth
 from cilia.cli.client import Client
 from cilia.cli.policy import print_tables
+from cilia.cluster import DEFAULT_UNDERLAY, ClusterState, LocalCluster
 from cilia.errors import CiliaError
 from cilia.scenario import evaluate, load_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 SCENARIOS = ("starwars.yaml", "bookinfo.yaml", "mediabot-dns.yaml")
-NODE = "demo"
-NODE_NETNS = "cilia-demo-node"
-NODE_ADDRESS = "10.250.0.1"
-POD_CIDR = "10.250.1.0/24"
+CLUSTER = "demo"
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
@@ -42,137 +42,118 @@ def say(text: str) -> None:
     print(f"\n{BOLD}==> {text}{RESET}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise CiliaError(f"{url} did not become ready within {timeout}s")
+def free_underlay() -> IPv4Network:
+    """The default underlay, or another /24 if this machine already routes it."""
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    for third in range(0, 250):
+        net = IPv4Network(f"10.250.{third}.0/24") if third else DEFAULT_UNDERLAY
+        if str(net) not in routes:
+            return net
+    raise CiliaError("no free /24 in 10.250.0.0/16 for the demo's underlay")
 
 
 class Demo:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="cilia-demo-"))
+        self.cluster = LocalCluster(self.dir / "cluster")
+        self.state: ClusterState | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.client: Client | None = None
         self.endpoints: dict[str, dict[str, Any]] = {}
 
-    def run_bg(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        fh = (self.dir / log).open("wb")
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append(proc)
-        return proc
+    @property
+    def nodes(self) -> list[str]:
+        assert self.state is not None
+        return list(self.state.nodes)
 
     def start(self) -> None:
-        venv = Path(sys.executable).parent
-        nats_bin = shutil.which("nats-server", path=f"{venv}:{os.environ.get('PATH', '')}")
-        if nats_bin is None:
-            raise CiliaError("nats-server is missing (run make bootstrap)")
-        creds = auth.generate()
-        creds_file = auth.write(creds, self.dir / "credentials.yaml")
-        nport = free_port()
-        (self.dir / "nats.conf").write_text(auth.nats_config(creds, "127.0.0.1", nport, self.dir / "js"))
-        say(
-            f"control plane: nats-server (JetStream, per-role users) on :{nport}, identity and policy services"
+        say("a two-node cluster on this machine (what `cilia cluster up --nodes 2` builds)")
+        old = LocalCluster(self.cluster.dir)
+        started = time.monotonic()
+        self.state = old.up(2, name=CLUSTER, underlay=free_underlay())
+        st = self.state
+        print(f"  control plane  nats-server (JetStream, per-role users) {st.nats_url}")
+        for role, url in st.urls.items():
+            print(f"                 {role:<9} {url}")
+        for n in st.nodes.values():
+            print(f"  node {n.name:<12} netns {n.netns}, underlay {n.ip}, pods {n.pod_cidr}, agent {n.api}")
+        print(f"  ready in {time.monotonic() - started:.1f}s")
+        self.client = Client(
+            {"identity": st.urls["identity"], "policy": st.urls["policy"]},
+            auth.load(st.creds_file).tokens["admin"],
         )
-        self.run_bg([nats_bin, "-c", str(self.dir / "nats.conf")], "nats.log")
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "CILIA_NATS_URL": f"nats://127.0.0.1:{nport}",
-            "CILIA_TOKEN_FILE": str(creds_file),
-        }
-        urls = {}
-        for name in ("identity", "policy"):
-            port = free_port()
-            urls[name] = f"http://127.0.0.1:{port}"
-            self.run_bg(
-                [sys.executable, "-m", f"services.{name}"],
-                f"{name}.log",
-                {**env, "CILIA_HTTP_ADDR": f"127.0.0.1:{port}"},
-            )
-        say(
-            f"node {NODE}: a network namespace ({NODE_NETNS}, {NODE_ADDRESS}) and its datapath agent (eBPF via bcc)"
-        )
-        self.cleanup_node()
-        subprocess.run(["ip", "netns", "add", NODE_NETNS], check=True)
-        subprocess.run(["ip", "-n", NODE_NETNS, "link", "set", "lo", "up"], check=True)
-        subprocess.run(["ip", "-n", NODE_NETNS, "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo"], check=True)
-        port = free_port()
-        urls["datapath"] = f"http://127.0.0.1:{port}"
-        self.run_bg(
-            [sys.executable, "-m", "services.datapath"],
-            "datapath.log",
-            {
-                **env,
-                "CILIA_HTTP_ADDR": f"127.0.0.1:{port}",
-                "CILIA_NODE": NODE,
-                "CILIA_NODE_NETNS": NODE_NETNS,
-                "CILIA_POD_CIDR": POD_CIDR,
-                "CILIA_STATE_DIR": str(self.dir / "state"),
-            },
-        )
-        for name, url in urls.items():
-            wait_http(f"{url}/readyz")
-            print(f"  {name:<9} {url}  ready")
-        self.client = Client(urls, creds.tokens["admin"])
 
-    def add(self, name: str, labels: dict[str, str]) -> dict[str, Any]:
-        assert self.client is not None
-        rec: dict[str, Any] = self.client.request(
-            "datapath", "POST", "/v1/endpoints", json={"name": name, "labels": labels}
+    def node_client(self, node: str) -> Client:
+        assert self.client is not None and self.state is not None
+        return Client({**self.client.urls, "datapath": self.state.nodes[node].api}, self.client.token)
+
+    def add(self, node: str, name: str, labels: dict[str, str], namespace: str = "default") -> dict[str, Any]:
+        rec: dict[str, Any] = self.node_client(node).request(
+            "datapath", "POST", "/v1/endpoints", json={"namespace": namespace, "name": name, "labels": labels}
         )
         self.endpoints[name] = rec
+        short = node.removeprefix(f"{CLUSTER}-")
         print(
-            f"  default/{name:<12} identity {rec['identity']:<6} ip {rec['ip']:<12} {', '.join(f'{k}={v}' for k, v in labels.items())}"
+            f"  {namespace}/{name:<16} {short:<6} identity {rec['identity']:<6} ip {rec['ip']:<11} "
+            f"{', '.join(f'{k}={v}' for k, v in labels.items())}"
         )
         return rec
 
     def in_pod(self, name: str, *cmd: str) -> list[str]:
         return ["nsenter", f"--net={self.endpoints[name]['network']['netns_path']}", "--", *cmd]
 
-    def serve(self, name: str) -> None:
-        self.run_bg(
-            self.in_pod(name, sys.executable, "-m", "cilia.demo_apps", "http", "--port", "80"),
-            f"{name}.log",
-            {**os.environ, "PYTHONPATH": str(REPO)},
+    def serve(self, name: str, port: int = 80) -> None:
+        fh = (self.dir / f"{name}.log").open("wb")
+        argv = [sys.executable, "-m", "cilia.demo_apps", "http", "--port", str(port), "--name", name]
+        self.procs.append(
+            subprocess.Popen(
+                self.in_pod(name, *argv),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                start_new_session=True,
+            )
         )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            ss = subprocess.run(self.in_pod(name, "ss", "-ltnH"), capture_output=True, text=True).stdout
+            if f":{port} " in ss:
+                return
+            time.sleep(0.1)
+        raise CiliaError(f"the demo server in {name} did not start")
 
-    def land(self, ship: str, target: str = "deathstar-1") -> None:
-        ip = self.endpoints[target]["ip"]
-        cmd = ["curl", "-s", "-m", "2", "-XPOST", f"http://{ip}/v1/request-landing"]
-        print(f"{DIM}$ cilia endpoint exec default/{ship} -- {' '.join(cmd)}{RESET}")
-        out = subprocess.run(self.in_pod(ship, *cmd), capture_output=True, text=True)
+    def curl(self, src: str, dst: str, path: str = "/", port: int = 80, method: str = "GET") -> None:
+        ip = self.endpoints[dst]["ip"]
+        cmd = ["curl", "-s", "-m", "2", f"-X{method}", f"http://{ip}:{port}{path}"]
+        shown = " ".join(cmd).replace(f"{ip}:80", ip)
+        print(f"{DIM}$ cilia endpoint exec default/{src} -- {shown}{RESET}")
+        out = subprocess.run(self.in_pod(src, *cmd), capture_output=True, text=True)
         print(
             out.stdout.strip()
             if out.returncode == 0
             else f"(no answer: curl exit code {out.returncode}, timed out)"
         )
 
-    def flows(self, since: float) -> None:
+    def land(self, ship: str, target: str = "deathstar-1") -> None:
+        self.curl(ship, target, "/v1/request-landing", method="POST")
+
+    def flows(self, since: float, want: tuple[str, ...] = ("policy-verdict", "DROPPED", "SYN")) -> None:
         from cilia.flows import Flow, format_line
 
-        assert self.client is not None
-        time.sleep(0.5)  # the ring buffer is drained asynchronously; give it a moment
-        items = self.client.request("datapath", "GET", "/v1/flows", params={"last": 200})["items"]
-        print(f"{DIM}$ cilia observe --since ...{RESET}")
-        for raw in items:
-            flow = Flow.model_validate(raw)
-            if flow.time and _ts(flow.time) >= since:
-                line = format_line(flow)
-                if "policy-verdict" in line or "DROPPED" in line or "SYN" in line:
-                    print(line)
+        time.sleep(0.5)  # the ring buffers are drained asynchronously; give them a moment
+        print(f"{DIM}$ cilia observe --since ... --print-node-name{RESET}")
+        lines = []
+        for node in self.nodes:
+            for raw in self.node_client(node).request("datapath", "GET", "/v1/flows", params={"last": 300})[
+                "items"
+            ]:
+                flow = Flow.model_validate(raw)
+                if flow.time and _ts(flow.time) >= since:
+                    line = format_line(flow, node_name=True)
+                    if any(w in line for w in want):
+                        lines.append((flow.time, line))
+        for _, line in sorted(lines):
+            print(line)
 
     def apply(self, path: Path) -> None:
         assert self.client is not None
@@ -182,37 +163,27 @@ class Demo:
         )
         for c in reply["changes"]:
             print(f"ciliumnetworkpolicy.cilium.io/{c['name']} {c['action']}")
+        names = ["/".join(x for x in (c["kind"], c["namespace"], c["name"]) if x) for c in reply["changes"]]
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            status = self.client.request("datapath", "GET", "/v1/datapath/status")
-            if all(v >= reply["revision"] for v in status.get("policies", {}).values()) and status.get(
-                "policies"
-            ):
-                return
-            time.sleep(0.1)
-        raise CiliaError("the datapath did not apply the policy in time")
-
-    def cleanup_node(self) -> None:
-        subprocess.run(["ip", "netns", "delete", NODE_NETNS], capture_output=True)
+        for node in self.nodes:
+            while True:
+                applied = (
+                    self.node_client(node)
+                    .request("datapath", "GET", "/v1/datapath/status")
+                    .get("policies", {})
+                )
+                if all(applied.get(n, -1) >= reply["revision"] for n in names):
+                    break
+                if time.monotonic() > deadline:
+                    raise CiliaError(f"node {node} did not apply the policy in time")
+                time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.client is not None:
-            for name in list(self.endpoints):
-                with contextlib.suppress(Exception):
-                    self.client.request("datapath", "DELETE", f"/v1/endpoints/default/{name}")
-        for proc in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        self.cleanup_node()
-        from services.datapath import loader, maps
-
-        loader.remove_pins(maps.pin_root(NODE))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.cluster.down()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -233,40 +204,62 @@ def demo() -> Iterator[Demo]:
     try:
         yield d
     finally:
-        say("cleaning up: endpoints, node namespace, processes, pinned maps")
+        say("cleaning up: the cluster's processes, namespaces, links and pinned maps")
         d.stop()
         signal.signal(signal.SIGTERM, old)
+
+
+def starwars(d: Demo) -> None:
+    n1, n2 = d.nodes
+    say("Star Wars: the pods, as namespaces behind the datapath, on both nodes")
+    d.add(n1, "deathstar-1", {"org": "empire", "class": "deathstar"})
+    d.add(n2, "deathstar-2", {"org": "empire", "class": "deathstar"})
+    d.add(n2, "tiefighter", {"org": "empire", "class": "tiefighter"})
+    d.add(n1, "xwing", {"org": "alliance", "class": "xwing"})
+    d.serve("deathstar-1")
+    d.serve("deathstar-2")
+    say("no policy: every ship lands")
+    d.land("xwing")
+    d.land("tiefighter")
+    say("rule1: only empire ships may reach the deathstar, on 80/TCP")
+    since = time.time()
+    d.apply(EXAMPLES / "policies" / "starwars-l3-l4.yaml")
+    d.land("tiefighter")
+    d.land("xwing")
+    d.land("tiefighter", "deathstar-2")
+    say("the flows: who was let in, who was dropped, and the rule that decided")
+    d.flows(since)
+
+
+def bookinfo(d: Demo) -> None:
+    n1, n2 = d.nodes
+    say("BookInfo: productpage on one node, reviews and details spread over both")
+    d.add(n1, "productpage-v1", {"app": "productpage", "version": "v1"})
+    d.add(n2, "reviews-v1", {"app": "reviews", "version": "v1"})
+    d.add(n1, "reviews-v2", {"app": "reviews", "version": "v2"})
+    d.add(n2, "details-v1", {"app": "details", "version": "v1"})
+    d.add(n2, "ratings-v1", {"app": "ratings", "version": "v1"})
+    for name in ("reviews-v1", "reviews-v2", "details-v1", "ratings-v1"):
+        d.serve(name, 9080)
+    say("step 1: productpage may send nothing (an egress rule with an empty rule: default deny)")
+    d.apply(EXAMPLES / "policies" / "bookinfo-productpage-deny-all.yaml")
+    d.curl("productpage-v1", "reviews-v1", port=9080)
+    say("step 3: productpage may reach reviews and details (on either node) and nothing else")
+    since = time.time()
+    d.apply(EXAMPLES / "policies" / "bookinfo-productpage-reviews-details.yaml")
+    d.curl("productpage-v1", "reviews-v1", port=9080)
+    d.curl("productpage-v1", "reviews-v2", port=9080)
+    d.curl("productpage-v1", "details-v1", port=9080)
+    d.curl("productpage-v1", "ratings-v1", port=9080)
+    say("the flows on both nodes: to-overlay on the sender, from-overlay on the receiver")
+    d.flows(since, ("policy-verdict", "DROPPED", "overlay FORWARDED (TCP Flags: SYN"))
 
 
 def live() -> None:
     with demo() as d:
         d.start()
-        say("the Star Wars pods, as namespaces behind the datapath")
-        d.add("deathstar-1", {"org": "empire", "class": "deathstar"})
-        d.add("deathstar-2", {"org": "empire", "class": "deathstar"})
-        d.add("tiefighter", {"org": "empire", "class": "tiefighter"})
-        d.add("xwing", {"org": "alliance", "class": "xwing"})
-        d.serve("deathstar-1")
-        d.serve("deathstar-2")
-        for name in ("deathstar-1", "deathstar-2"):
-            deadline = time.monotonic() + 10
-            while (
-                time.monotonic() < deadline
-                and ":80 "
-                not in subprocess.run(d.in_pod(name, "ss", "-ltnH"), capture_output=True, text=True).stdout
-            ):
-                time.sleep(0.1)
-        say("no policy: every ship lands")
-        d.land("xwing")
-        d.land("tiefighter")
-        say("rule1: only empire ships may reach the deathstar, on 80/TCP")
-        since = time.time()
-        d.apply(EXAMPLES / "policies" / "starwars-l3-l4.yaml")
-        d.land("tiefighter")
-        d.land("xwing")
-        d.land("tiefighter", "deathstar-2")
-        say("the flows: who was let in, who was dropped, and the rule that decided")
-        d.flows(since)
+        starwars(d)
+        bookinfo(d)
 
 
 def offline() -> int:

@@ -43,7 +43,7 @@ class Landing(BaseHTTPRequestHandler):
             self._send(404, "Not found\n")
 
     def do_GET(self) -> None:
-        self._send(200, f"deathstar {self.path}\n")
+        self._send(200, f"{getattr(self.server, 'app_name', 'deathstar')} {self.path}\n")
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         return
@@ -90,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--bind", default="0.0.0.0", help="listen address, or the target of a probe")
     parser.add_argument("--timeout", type=float, default=1.0)
+    parser.add_argument("--name", default="deathstar", help="what the http server calls itself on GET")
     args = parser.parse_args(argv)
     if args.kind.startswith("probe-"):
         return probe(args.kind.removeprefix("probe-"), args.bind, args.port, args.timeout)
     if args.kind == "http":
         ThreadingHTTPServer.allow_reuse_address = True
-        ThreadingHTTPServer((args.bind, args.port), Landing).serve_forever()
+        server = ThreadingHTTPServer((args.bind, args.port), Landing)
+        server.app_name = args.name  # type: ignore[attr-defined]
+        server.serve_forever()
     elif args.kind == "tcp-echo":
         ThreadingTCP((args.bind, args.port), TCPEcho).serve_forever()
     else:

@@ -1,4 +1,4 @@
-"""`make demo` itself: the live Star Wars story on real packets, and nothing left behind."""
+"""`make demo` itself: the live stories on a two-node cluster, on real packets, and nothing left behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import VENV_BIN
 from services.datapath import maps
 
 
-def test_the_demo_tells_the_starwars_story_and_cleans_up() -> None:
+def test_the_demo_tells_its_stories_on_two_nodes_and_cleans_up() -> None:
     out = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "cilia.demo"], capture_output=True, text=True, timeout=300
     )
@@ -20,12 +20,27 @@ def test_the_demo_tells_the_starwars_story_and_cleans_up() -> None:
     no_policy = before.split("==> no policy")[1]
     assert no_policy.count("Ship landed") == 2  # both ships land without a policy
     live, _, offline = after.partition("==> offline")
-    assert live.count("Ship landed") == 2  # tiefighter, on both deathstars
-    assert "(no answer: curl exit code 28, timed out)" in live  # the xwing
-    assert "policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)" in live
-    assert "<> default/deathstar-1:80" in live and "Policy denied DROPPED (TCP Flags: SYN)" in live
+    starwars, _, bookinfo = live.partition("==> BookInfo")
+    assert starwars.count("Ship landed") == 2  # tiefighter, on both deathstars
+    assert "(no answer: curl exit code 28, timed out)" in starwars  # the xwing
+    assert "policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)" in starwars
+    assert "<> default/deathstar-1:80" in starwars and "Policy denied DROPPED (TCP Flags: SYN)" in starwars
+    # BookInfo: locked down, then reviews and details answer from both nodes, ratings does not.
+    step1, _, step3 = bookinfo.partition("==> step 3")
+    assert "(no answer: curl exit code 28, timed out)" in step1
+    for answer in ("reviews-v1 /", "reviews-v2 /", "details-v1 /"):
+        assert answer in step3
+    assert step3.count("(no answer") == 1  # ratings
+    assert (
+        "[demo-node1]: default/productpage-v1" in step3 and "to-overlay FORWARDED (TCP Flags: SYN)" in step3
+    )
+    assert (
+        "[demo-node2]: default/productpage-v1" in step3 and "from-overlay FORWARDED (TCP Flags: SYN)" in step3
+    )
+    assert "policy-verdict:none EGRESS DENIED" in step3
     assert "11/11 probes as expected" in offline and "16/16 probes as expected" in offline
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "cilia-demo-node" not in netns
-    assert not maps.pin_root("demo").exists()
-    assert not any(Path("/tmp").glob("cilia-demo-*/nats.conf"))
+    assert "demo-node" not in netns
+    assert "demo-br" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert not maps.pin_root("demo-node1").exists() and not maps.pin_root("demo-node2").exists()
+    assert not any(Path("/tmp").glob("cilia-demo-*/cluster"))
