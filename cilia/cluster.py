@@ -488,13 +488,15 @@ class LocalCluster:
         n = state.nodes.get(self.node_name(state, node))
         if n is None:
             raise ClusterError(f"node {node} is not in the cluster (see `cilia node list`)")
-        self._remove_node(state, n)
+        self._remove_node(state, n, forget=True)
         del state.nodes[n.name]
         state.save()
 
-    def _remove_node(self, state: ClusterState, n: NodeState) -> None:
+    def _remove_node(self, state: ClusterState, n: NodeState, forget: bool = False) -> None:
         for pid in n.processes.values():
             _stop(pid)
+        if forget:
+            _forget_node(state, n.name)
         _remove_endpoints(state.dir / "nodes" / n.name / "endpoints.json")
         _run(["ip", "netns", "delete", n.netns], check=False)
         _run(["ip", "link", "del", n.uplink], check=False)
@@ -582,6 +584,28 @@ class LocalCluster:
                 _stop(pid)
         _run(["ip", "link", "del", state.bridge], check=False)
         shutil.rmtree(state.dir, ignore_errors=True)
+
+
+def _forget_node(state: ClusterState, node: str, bucket: str = "nodes") -> None:
+    """Delete a removed node's registry entry at once (like `kubectl delete node`): the other nodes
+    drop its routes and endpoints now instead of when its lease runs out. A stopped agent does not do
+    this itself, so that an agent restart never makes its node disappear from the cluster."""
+    import asyncio
+
+    from cilia.kvstore import connect
+
+    async def forget() -> None:
+        user, password = auth.load(state.creds_file).nats_users.get("admin", (None, None))
+        kv = await connect(
+            state.kvstore_url, state.nats_url, nats_user=user, nats_password=password, timeout=5
+        )
+        try:
+            await kv.delete(f"{bucket}/{node}")
+        finally:
+            await kv.close()
+
+    with contextlib.suppress(Exception):
+        asyncio.run(forget())
 
 
 def _ready_etcd(host: str, port: int) -> bool:

@@ -277,7 +277,7 @@ def build(settings: DatapathSettings | None = None) -> Service:
 
     @service.task
     async def announce_node(svc: Service) -> None:
-        """Keep this node in the registry: a put under a lease at a third of its TTL."""
+        """Keep this node in the registry: a put under a lease four times per TTL."""
         assert svc.kv is not None
         lease: Lease | None = None
         key = node_key(settings.nodes_bucket, settings.node)
@@ -293,7 +293,7 @@ def build(settings: DatapathSettings | None = None) -> Service:
                     continue
                 except Exception as err:
                     log.debug("event=node-heartbeat-failed error=%r", str(err))
-            await asyncio.sleep(max(settings.node_lease_seconds / 3, 0.2))
+            await asyncio.sleep(max(settings.node_lease_seconds / 4, 0.2))
 
     @service.task
     async def watch_nodes(svc: Service) -> None:

@@ -241,7 +241,7 @@ def test_a_node_that_joins_and_leaves_updates_every_other_node(cluster: ClusterH
 
 
 def test_a_dead_node_is_dropped_after_its_lease_and_the_others_never_stop(tmp_path: Path) -> None:
-    with running_cluster(tmp_path, 3, lease_seconds=4) as c:
+    with running_cluster(tmp_path, 3, lease_seconds=6) as c:
         n1, n2, n3 = c.nodes
         a = c.add(n1, "a", {"app": "a"})
         b = c.add(n2, "b", {"app": "b"})
@@ -354,3 +354,28 @@ def test_the_cli_builds_reports_and_removes_a_cluster(tmp_path: Path) -> None:
     assert f"{name}-br" not in links and f"{name}-u" not in links
     assert not Path(f"/sys/fs/bpf/cilia/{name}-node2").exists()
     eventually(lambda: not process_alive(pid), what=f"the agent (pid {pid}) exiting")
+
+
+def test_a_cluster_on_etcd_keeps_its_registry_and_overlay_there(tmp_path: Path) -> None:
+    with running_cluster(tmp_path, 2, kvstore="etcd") as c:
+        assert c.state.kvstore_url.startswith("etcd://")
+        n1, n2 = c.nodes
+        a = c.add(n1, "a", {"app": "a"})
+        b = c.add(n2, "b", {"app": "b"})
+        eventually(lambda: set(c.registry(n1)) == {n1, n2}, what="both nodes in the etcd registry")
+        eventually(lambda: f"{b['ip']}/32" in c.ipcache(n1), what="node1 learning b from etcd")
+        assert c.probe("default/a", b["ip"], 0, "ICMP")
+        c.apply(
+            textwrap.dedent(
+                """
+                apiVersion: cilium.io/v2
+                kind: CiliumNetworkPolicy
+                metadata: {name: b-from-nobody}
+                spec:
+                  endpointSelector: {matchLabels: {app: b}}
+                  ingress: [{}]
+                """
+            )
+        )
+        assert not c.probe("default/a", b["ip"], 0, "ICMP")
+        assert c.exec("default/b", "ping", "-c1", "-W1", a["ip"]).returncode == 0
