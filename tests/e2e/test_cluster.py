@@ -339,6 +339,9 @@ def test_the_cli_builds_reports_and_removes_a_cluster(tmp_path: Path) -> None:
         run("endpoint", "add", "--name", "cli", "--labels", "app=cli", "--node", "node1")
         ping = run("endpoint", "exec", "default/cli", "--", "ping", "-c1", "-W1", web["ip"])
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        # web lives on node2, the CLI's default agent is node1's: exec finds it through the registry.
+        inside = run("endpoint", "exec", "default/web", "--", "ip", "-4", "-br", "addr", "show", "eth0")
+        assert inside.returncode == 0 and web["ip"] in inside.stdout, inside.stdout + inside.stderr
         nodes = run("node", "list")
         assert f"{name}-node1 (this node)" in nodes.stdout and f"{name}-node2" in nodes.stdout
         pid = json.loads((state / "cluster.json").read_text())["nodes"][f"{name}-node2"]["processes"][
