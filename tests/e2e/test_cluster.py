@@ -288,11 +288,13 @@ def test_nats_restarting_while_traffic_crosses_nodes_drops_nothing_allowed(clust
             "default/tiefighter",
             str(VENV_BIN / "python"),
             "-c",
-            "import socket,sys,time\n"
+            # One line every 0.2 s (paced by the select timeout) for 8 s, each echoed in time.
+            "import select,socket,sys\n"
             "s=socket.create_connection((sys.argv[1],80),timeout=2)\n"
             "for i in range(40):\n"
             "    s.sendall(b'x%d\\n'%i); assert s.recv(64)\n"
-            "    time.sleep(0.2)\n"
+            "    print('echoed', i, flush=True) if i == 0 else None\n"
+            "    select.select([], [], [], 0.2)\n"
             "print('stream ok')",
             target,
         ),
@@ -300,7 +302,7 @@ def test_nats_restarting_while_traffic_crosses_nodes_drops_nothing_allowed(clust
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1)
+    assert stream.stdout is not None and stream.stdout.readline().startswith("echoed"), "the stream started"
     cluster.lc.restart("nats")
     out, _ = pinger.communicate(timeout=60)
     sout, serr = stream.communicate(timeout=60)
