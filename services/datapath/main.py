@@ -8,9 +8,10 @@ import collections
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -203,48 +204,32 @@ def build(settings: DatapathSettings | None = None) -> Service:
     async def watch_policies(svc: Service) -> None:
         """Policies from the kvstore: the full snapshot first, then every change."""
         assert svc.kv is not None
-        prefix = f"{settings.policy_bucket}/items/"
-        snapshot: dict[tuple[str, str, str], dict[str, Any]] = {}
-        revisions: dict[tuple[str, str, str], int] = {}
-        synced = False
-        async with svc.kv.watch(prefix) as events:
-            async for ev in events:
-                if ev.kind is EventKind.LIST_DONE:
-                    synced = True
-                elif ev.kind is EventKind.PUT:
-                    try:
-                        doc = json.loads(ev.value)
-                        snapshot[key_of(ev.key)] = doc["manifest"]
-                        revisions[key_of(ev.key)] = int(doc.get("revision", 0))
-                    except (ValueError, KeyError) as err:
-                        log.warning("event=policy-record-invalid key=%s error=%r", ev.key, str(err))
-                        continue
-                else:
-                    snapshot.pop(key_of(ev.key), None)
-                    revisions.pop(key_of(ev.key), None)
-                if synced:
-                    await agent.set_policies(snapshot, revisions)
+
+        def parse(key: str, value: bytes) -> tuple[dict[str, Any], int]:
+            doc = json.loads(value)
+            return doc["manifest"], int(doc.get("revision", 0))
+
+        async def apply(current: dict[str, tuple[dict[str, Any], int]]) -> None:
+            await agent.set_policies(
+                {key_of(k): m for k, (m, _) in current.items()},
+                {key_of(k): r for k, (_, r) in current.items()},
+            )
+
+        await mirror(svc.kv, f"{settings.policy_bucket}/items/", parse, apply, "policy")
 
     @service.task
     async def watch_endpoints(svc: Service) -> None:
         """Every node's endpoints: identities and addresses for selectors and the ipcache."""
         assert svc.kv is not None
-        prefix = f"{settings.endpoints_bucket}/"
-        records: dict[str, dict[str, Any]] = {}
-        synced = False
-        async with svc.kv.watch(prefix) as events:
-            async for ev in events:
-                if ev.kind is EventKind.LIST_DONE:
-                    synced = True
-                elif ev.kind is EventKind.PUT:
-                    try:
-                        records[ev.key] = json.loads(ev.value)
-                    except ValueError:
-                        continue
-                else:
-                    records.pop(ev.key, None)
-                if synced:
-                    await agent.set_cluster_endpoints(records.values())
+
+        def parse(key: str, value: bytes) -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(value)
+            return doc
+
+        async def apply(current: dict[str, dict[str, Any]]) -> None:
+            await agent.set_cluster_endpoints(current.values())
+
+        await mirror(svc.kv, f"{settings.endpoints_bucket}/", parse, apply, "endpoint")
 
     @service.app.get("/v1/nodes", tags=["nodes"], dependencies=[Depends(service.require_read())])
     async def nodes() -> dict[str, Any]:
@@ -299,25 +284,18 @@ def build(settings: DatapathSettings | None = None) -> Service:
     async def watch_nodes(svc: Service) -> None:
         """Other nodes: tunnel endpoints, pod CIDR routes, and whose endpoints still count."""
         assert svc.kv is not None
-        prefix = f"{settings.nodes_bucket}/"
-        synced = False
-        async with svc.kv.watch(prefix) as events:
-            async for ev in events:
-                if ev.kind is EventKind.LIST_DONE:
-                    synced = True
-                elif ev.kind is EventKind.PUT:
-                    try:
-                        info = NodeInfo.model_validate_json(ev.value)
-                    except ValueError as err:
-                        log.warning("event=node-record-invalid key=%s error=%r", ev.key, str(err))
-                        continue
-                    registry[info.name] = info
-                else:
-                    name = ev.key.rsplit("/", 1)[-1]
-                    if registry.pop(name, None) is not None:
-                        log.info("event=node-gone node=%s", name)
-                if synced:
-                    await agent.set_nodes(registry.values())
+
+        def parse(key: str, value: bytes) -> NodeInfo:
+            return NodeInfo.model_validate_json(value)
+
+        async def apply(current: dict[str, NodeInfo]) -> None:
+            for gone in set(registry) - {n.name for n in current.values()}:
+                log.info("event=node-gone node=%s", gone)
+            registry.clear()
+            registry.update({n.name: n for n in current.values()})
+            await agent.set_nodes(registry.values())
+
+        await mirror(svc.kv, f"{settings.nodes_bucket}/", parse, apply, "node")
 
     @service.task
     async def events(svc: Service) -> None:
@@ -348,6 +326,36 @@ def build(settings: DatapathSettings | None = None) -> Service:
                     log.info("event=ct-gc removed=%d", removed)
 
     return service
+
+
+T = TypeVar("T")
+
+
+async def mirror(
+    kv: KVStore,
+    prefix: str,
+    parse: Callable[[str, bytes], T],
+    apply: Callable[[dict[str, T]], Awaitable[None]],
+    what: str,
+) -> None:
+    """Keep a parsed copy of a kvstore prefix and hand all of it to `apply` once the first listing is
+    complete and after every change from then on (an invalid record is logged and ignored)."""
+    current: dict[str, T] = {}
+    synced = False
+    async with kv.watch(prefix) as events:
+        async for ev in events:
+            if ev.kind is EventKind.LIST_DONE:
+                synced = True
+            elif ev.kind is EventKind.PUT:
+                try:
+                    current[ev.key] = parse(ev.key, ev.value)
+                except (ValueError, KeyError, TypeError) as err:
+                    log.warning("event=%s-record-invalid key=%s error=%r", what, ev.key, str(err))
+                    continue
+            else:
+                current.pop(ev.key, None)
+            if synced:
+                await apply(current)
 
 
 NSEC = 1_000_000_000

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import VENV_BIN, eventually
+from conftest import VENV_BIN, eventually, serve_in_netns
 from support.servers import REPO
 
 from cilia import auth
@@ -256,33 +256,7 @@ class ClusterInternet:
 
     def serve(self, kind: str, addr: str, port: int) -> None:
         self.address(addr)
-        argv = [
-            "nsenter",
-            f"--net=/run/netns/{self.netns}",
-            "--",
-            str(VENV_BIN / "python"),
-            "-m",
-            "cilia.demo_apps",
-        ]
-        self.procs.append(
-            subprocess.Popen(
-                [*argv, kind, "--bind", addr, "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        flag = "-lun" if kind == "udp-echo" else "-ltn"
-        eventually(
-            lambda: (
-                f"{addr}:{port} "
-                in subprocess.run(
-                    ["nsenter", f"--net=/run/netns/{self.netns}", "--", "ss", "-H", flag],
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            ),
-            what=f"{kind} on {addr}:{port}",
-        )
+        self.procs.append(serve_in_netns(self.netns, kind, addr, port))
 
     def close(self) -> None:
         for p in self.procs:

@@ -415,6 +415,29 @@ INET_NODE_SIDE = "172.31.255.1"
 INET_SIDE = "172.31.255.2"
 
 
+def serve_in_netns(netns: str, kind: str, addr: str, port: int) -> subprocess.Popen[bytes]:
+    """Start a demo workload (http, tcp-echo, udp-echo) on addr:port in a named namespace, listening."""
+    argv = ["nsenter", f"--net=/run/netns/{netns}", "--", str(VENV_BIN / "python"), "-m", "cilia.demo_apps"]
+    proc = subprocess.Popen(
+        [*argv, kind, "--bind", addr, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    flag = "-lun" if kind == "udp-echo" else "-ltn"
+    eventually(
+        lambda: (
+            f"{addr}:{port} "
+            in subprocess.run(
+                ["nsenter", f"--net=/run/netns/{netns}", "--", "ss", "-H", flag],
+                capture_output=True,
+                text=True,
+            ).stdout
+        ),
+        what=f"{kind} on {addr}:{port}",
+    )
+    return proc
+
+
 class Internet:
     """A namespace beyond the node holding outside addresses (world for policy)."""
 
@@ -453,32 +476,7 @@ class Internet:
 
     def serve(self, kind: str, addr: str, port: int) -> None:
         self.address(addr)
-        argv = [
-            "nsenter",
-            f"--net=/run/netns/{self.netns}",
-            "--",
-            str(VENV_BIN / "python"),
-            "-m",
-            "cilia.demo_apps",
-            kind,
-            "--bind",
-            addr,
-            "--port",
-            str(port),
-        ]
-        self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        flag = "-lun" if kind == "udp-echo" else "-ltn"
-        eventually(
-            lambda: (
-                f"{addr}:{port} "
-                in subprocess.run(
-                    ["nsenter", f"--net=/run/netns/{self.netns}", "--", "ss", "-H", flag],
-                    capture_output=True,
-                    text=True,
-                ).stdout
-            ),
-            what=f"{kind} on {addr}:{port}",
-        )
+        self.procs.append(serve_in_netns(self.netns, kind, addr, port))
 
     def close(self) -> None:
         for p in self.procs:
