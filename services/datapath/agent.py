@@ -32,7 +32,7 @@ from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
 from cilia.policy.repository import PolicyKey, Repository
 from cilia.policy.rules import EGRESS, INGRESS
 from cilia.policy.translate import PolicyResource
-from services.datapath import loader, maps, overlay, plumbing, proxyrules
+from services.datapath import lb, loader, maps, overlay, plumbing, proxyrules
 from services.datapath.ipam import Ipam
 from services.datapath.nodes import NodeInfo
 
@@ -166,6 +166,8 @@ class Agent:
         self.nodes: dict[str, NodeInfo] = {}
         self.nodes_synced = False
         self.overlay_ifindex = 0
+        self.services: dict[str, lb.ServiceSpec] = {}
+        self.lb: lb.LBWriter | None = None
 
     # --- start-up and restore ------------------------------------------------------------------
 
@@ -187,6 +189,7 @@ class Agent:
         """Load (or reuse) the programs, open the maps, restore endpoints of a previous run."""
         self.programs = await asyncio.to_thread(loader.load, self.pin_root)
         self.maps = maps.DatapathMaps.open(self.pin_root)
+        self.lb = lb.LBWriter(self.maps, self.node)
         self.node_ips = {str(a) for a in await asyncio.to_thread(plumbing.node_addresses, self.node_netns)}
         if self.configured_node_ip:
             self.node_ips.add(self.configured_node_ip)
@@ -451,14 +454,18 @@ class Agent:
             elif self.maps is not None:
                 await asyncio.to_thread(self._write_ipcache)
 
-    def inventory(self) -> Inventory:
+    def workloads(self) -> list[Workload]:
+        """Every endpoint of the cluster that counts: other nodes' (still registered) and ours."""
         workloads = self.remote_workloads()
         for rec in self.state.endpoints.values():
             workloads.append(rec.workload())
         seen: dict[str, Workload] = {}
         for w in workloads:
             seen[f"{w.namespace}/{w.name}"] = w
-        return Inventory(seen.values())
+        return list(seen.values())
+
+    def inventory(self) -> Inventory:
+        return Inventory(self.workloads())
 
     async def regenerate(self) -> int:
         """Recompute every local endpoint's map state and write the difference; returns entries written."""
@@ -548,7 +555,31 @@ class Agent:
             self.maps.policy_flush(ep_id)  # entries of endpoints that no longer exist
         # Connections re-check their next packet against the new entries.
         self.maps.bump_policy_revision()
+        self._write_lb()
         return written
+
+    def _write_lb(self) -> int:
+        """Service frontends and their backends (the endpoints their selectors pick, cluster-wide)."""
+        if self.lb is None:
+            return 0
+        wanted = lb.frontends(self.services.values(), self.workloads(), self.node)
+        return self.lb.write(wanted)
+
+    async def set_services(self, docs: Iterable[Mapping[str, Any]]) -> None:
+        """Every Service of the cluster (from the kvstore): write the load-balancing maps."""
+        parsed: dict[str, lb.ServiceSpec] = {}
+        for doc in docs:
+            try:
+                svc = lb.parse_service(doc)
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("event=service-invalid error=%r", str(err))
+                continue
+            parsed[svc.key] = svc
+        async with self.lock:
+            self.services = parsed
+            changed = await asyncio.to_thread(self._write_lb)
+        if changed:
+            log.info("event=services-written services=%d changes=%d", len(parsed), changed)
 
     def _write_ipcache(self) -> None:
         """Cluster endpoint IPs, the node's addresses, and the engine's CIDR identities."""

@@ -44,6 +44,7 @@ class DatapathSettings(Settings):
     ct_gc_interval_seconds: float = Field(default=30.0, gt=0)
     flow_buffer: int = Field(default=10000, gt=0)
     nodes_bucket: str = bus.BUCKET_NODES
+    services_bucket: str = bus.BUCKET_SERVICES
     tunnel: str = Field(default="vxlan", pattern="^(vxlan|disabled)$")
     node_ip: str | None = None  # the address other nodes tunnel to (default: the node's first)
     node_lease_seconds: int = Field(default=15, ge=1)
@@ -230,6 +231,27 @@ def build(settings: DatapathSettings | None = None) -> Service:
             await agent.set_cluster_endpoints(current.values())
 
         await mirror(svc.kv, f"{settings.endpoints_bucket}/", parse, apply, "endpoint")
+
+    @service.task
+    async def watch_services(svc: Service) -> None:
+        """Services (stored by the lbipam service): frontends and backends for load balancing."""
+        assert svc.kv is not None
+
+        def parse(key: str, value: bytes) -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(value)
+            return doc
+
+        async def apply(current: dict[str, dict[str, Any]]) -> None:
+            await agent.set_services(current.values())
+
+        await mirror(svc.kv, f"{settings.services_bucket}/", parse, apply, "service")
+
+    @service.app.get("/v1/services", tags=["services"], dependencies=[Depends(service.require_read())])
+    async def services() -> dict[str, Any]:
+        """Service frontends and their backends on this node, like `cilium-dbg service list`."""
+        from services.datapath.lb import describe
+
+        return {"node": settings.node, "items": describe(agent.lb) if agent.lb is not None else []}
 
     @service.app.get("/v1/nodes", tags=["nodes"], dependencies=[Depends(service.require_read())])
     async def nodes() -> dict[str, Any]:

@@ -31,6 +31,15 @@ METRICS = "metrics"
 PROXY_PORTS = "proxy_ports"
 POLICY_REV = "policy_rev"
 CONFIG = "config"
+LB_SERVICES = "lb_services"
+LB_BACKENDS = "lb_backends"
+LB_CT = "lb_ct"
+LB_AFFINITY = "lb_affinity"
+SVC_F_AFFINITY = 0x1
+SVC_F_EXTERNAL = 0x2
+SVC_F_LOCAL_ONLY = 0x4
+CT_NAT_SERVICE = 0x1
+CT_NAT_HAIRPIN = 0x2
 CONFIG_OVERLAY_IFINDEX = 0
 EVENTS = "events"
 MAP_NAMES = (IPCACHE, ENDPOINTS, POLICY, CT, METRICS, PROXY_PORTS, POLICY_REV, EVENTS)
@@ -161,9 +170,42 @@ class CTEntryC(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("tcp_flags_seen", ctypes.c_uint8),
         ("tcp_flags_seen_reply", ctypes.c_uint8),
-        ("pad1", ctypes.c_uint8),
-        ("pad2", ctypes.c_uint16),
+        ("nat_flags", ctypes.c_uint8),
+        ("nat_port", ctypes.c_uint16),
         ("policy_rev", ctypes.c_uint32),
+        ("nat_addr", ctypes.c_uint32),
+        ("pad3", ctypes.c_uint32),
+    ]
+
+
+class LBKeyC(ctypes.Structure):
+    _fields_ = [
+        ("address", ctypes.c_uint32),
+        ("dport", ctypes.c_uint16),
+        ("slot", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class LBServiceC(ctypes.Structure):
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("rev_nat_id", ctypes.c_uint16),
+        ("flags", ctypes.c_uint8),
+        ("local_count", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+        ("affinity_timeout", ctypes.c_uint32),
+    ]
+
+
+class LBBackendC(ctypes.Structure):
+    _fields_ = [
+        ("address", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
     ]
 
 
@@ -405,6 +447,8 @@ class DatapathMaps:
     proxy_ports: BPFMap[ctypes.c_uint16, ctypes.c_uint8]  # type: ignore[type-var]
     policy_rev: BPFMap[ctypes.c_uint32, ctypes.c_uint32]  # type: ignore[type-var]
     config: BPFMap[ctypes.c_uint32, ctypes.c_uint32]  # type: ignore[type-var]
+    lb_services: BPFMap[LBKeyC, LBServiceC]
+    lb_backends: BPFMap[ctypes.c_uint32, LBBackendC]  # type: ignore[type-var]
 
     @classmethod
     def open(cls, root: Path) -> DatapathMaps:
@@ -418,6 +462,8 @@ class DatapathMaps:
             BPFMap(root / PROXY_PORTS, ctypes.c_uint16, ctypes.c_uint8),  # type: ignore[type-var]
             BPFMap(root / POLICY_REV, ctypes.c_uint32, ctypes.c_uint32),  # type: ignore[type-var]
             BPFMap(root / CONFIG, ctypes.c_uint32, ctypes.c_uint32),  # type: ignore[type-var]
+            BPFMap(root / LB_SERVICES, LBKeyC, LBServiceC),
+            BPFMap(root / LB_BACKENDS, ctypes.c_uint32, LBBackendC),  # type: ignore[type-var]
         )
 
     def close(self) -> None:
@@ -430,6 +476,8 @@ class DatapathMaps:
             self.proxy_ports,
             self.policy_rev,
             self.config,
+            self.lb_services,
+            self.lb_backends,
         ):
             m.close()
 
@@ -525,6 +573,39 @@ class DatapathMaps:
         new = (self.policy_revision() + 1) & 0xFFFFFFFF
         self.policy_rev.update(ctypes.c_uint32(0), ctypes.c_uint32(new))
         return new
+
+    # service load balancing
+    def lb_backend_items(self) -> dict[int, tuple[str, int, int]]:
+        """backend id -> (address, port, protocol)."""
+        return {
+            int(k.value): (_u32_to_ip(v.address), _from_be16(v.port), int(v.proto))
+            for k, v in self.lb_backends.items()
+        }
+
+    def lb_backend_set(self, backend_id: int, address: str, port: int, proto: int) -> None:
+        self.lb_backends.update(
+            ctypes.c_uint32(backend_id),
+            LBBackendC(address=_ip_to_u32(address), port=_be16(port), proto=proto),
+        )
+
+    def lb_backend_delete(self, backend_id: int) -> bool:
+        return self.lb_backends.delete(ctypes.c_uint32(backend_id))
+
+    def lb_service_items(self) -> dict[tuple[str, int, int, int], LBServiceC]:
+        """(frontend address, port, protocol, slot) -> entry."""
+        return {
+            (_u32_to_ip(k.address), _from_be16(k.dport), int(k.proto), int(k.slot)): v
+            for k, v in self.lb_services.items()
+        }
+
+    def lb_service_set(self, address: str, port: int, proto: int, slot: int, value: LBServiceC) -> None:
+        key = LBKeyC(address=_ip_to_u32(address), dport=_be16(port), slot=slot, proto=proto)
+        self.lb_services.update(key, value)
+
+    def lb_service_delete(self, address: str, port: int, proto: int, slot: int) -> bool:
+        return self.lb_services.delete(
+            LBKeyC(address=_ip_to_u32(address), dport=_be16(port), slot=slot, proto=proto)
+        )
 
     # node configuration
     def config_set(self, index: int, value: int) -> None:

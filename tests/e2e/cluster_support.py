@@ -193,6 +193,27 @@ class ClusterHarness:
             ns, _, pname = rest.rpartition("/")
             self.delete_policy(pname, kind, ns or "default")
 
+    def store(self, key: str, doc: dict[str, Any] | None) -> None:
+        """Put (None: delete) a kvstore record as the cluster's services store them."""
+        import asyncio
+
+        from cilia.kvstore import connect
+
+        async def run() -> None:
+            user, password = auth.load(self.state.creds_file).nats_users["admin"]
+            kv = await connect(
+                self.state.kvstore_url, self.state.nats_url, nats_user=user, nats_password=password
+            )
+            try:
+                if doc is None:
+                    await kv.delete(key)
+                else:
+                    await kv.put(key, json.dumps(doc).encode())
+            finally:
+                await kv.close()
+
+        asyncio.run(run())
+
     # --- observation --------------------------------------------------------------------------------
 
     def flows(self, node: str, last: int = 2000) -> list[dict[str, Any]]:

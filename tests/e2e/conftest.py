@@ -225,6 +225,7 @@ class Node:
     policy: ServerProcess
     state_dir: _Path
     spawned: list[subprocess.Popen[bytes]] = _field(default_factory=list)
+    unique: str = ""  # the suffix of this node's kvstore buckets (policies, endpoints, services, nodes)
     records: dict[str, dict[str, _Any]] = _field(
         default_factory=dict
     )  # endpoints as added (usable with the agent down)
@@ -399,9 +400,11 @@ def node(control_plane: ControlPlane, node_pins: _Path, tmp_path: _Path) -> Iter
                 "CILIA_POD_CIDR": POD_CIDR,
                 "CILIA_STATE_DIR": str(tmp_path / "state"),
                 "CILIA_ENDPOINTS_BUCKET": f"ep{unique}",
+                "CILIA_SERVICES_BUCKET": f"svc{unique}",
+                "CILIA_NODES_BUCKET": f"nodes{unique}",
             },
         )
-        n = Node(E2E_NODE, netns, control_plane, agent, policy, tmp_path / "state")
+        n = Node(E2E_NODE, netns, control_plane, agent, policy, tmp_path / "state", unique=unique)
         agent.start(timeout=60)
         eventually(lambda: n.status().get("policies_synced"), 20, "the agent's first policy snapshot")
         yield n

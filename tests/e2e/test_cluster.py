@@ -384,3 +384,45 @@ def test_a_cluster_on_etcd_keeps_its_registry_and_overlay_there(tmp_path: Path) 
         )
         assert not c.probe("default/a", b["ip"], 0, "ICMP")
         assert c.exec("default/b", "ping", "-c1", "-W1", a["ip"]).returncode == 0
+
+
+def test_a_service_with_backends_on_two_nodes_serves_a_client_on_a_third(cluster: ClusterHarness) -> None:
+    n1, n2, n3 = cluster.nodes
+    for i, node in ((1, n1), (2, n2)):
+        cluster.add(node, f"deathstar-{i}", {"org": "empire", "class": "deathstar"})
+        ref = f"default/deathstar-{i}"
+        cluster.spawn(
+            ref, str(VENV_BIN / "python"), "-m", "cilia.demo_apps", "http", "--port", "80", "--name", ref
+        )
+        eventually(
+            lambda ref=ref: ":80 " in cluster.exec(ref, "ss", "-H", "-ltn").stdout, what=f"http on {ref}"
+        )
+    cluster.add(n3, "tiefighter", {"org": "empire", "class": "tiefighter"})
+    cluster.add(n3, "xwing", {"org": "alliance", "class": "xwing"})
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "deathstar", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.1.10", "selector": {"class": "deathstar"}, "ports": [{"port": 80}]},
+    }
+    cluster.store("services/default/deathstar", svc)
+    try:
+
+        def backends() -> int:
+            code, body = cluster.request(f"{cluster.api(n3)}/v1/services", "GET")
+            return max((len(f["backends"]) for f in body.get("items", [])), default=0) if code == 200 else 0
+
+        eventually(lambda: backends() == 2, what="node3 seeing both backends")
+        seen = set()
+        for _ in range(30):
+            got = cluster.exec("default/tiefighter", "curl", "-s", "-m", "2", "http://10.96.1.10/")
+            assert got.returncode == 0, got.stderr
+            seen.add(got.stdout.strip())
+        assert seen == {"default/deathstar-1 /", "default/deathstar-2 /"}
+        cluster.apply(RULE1)
+        assert cluster.exec("default/xwing", "curl", "-s", "-m", "1", "http://10.96.1.10/").returncode != 0
+        assert (
+            cluster.exec("default/tiefighter", "curl", "-s", "-m", "2", "http://10.96.1.10/").returncode == 0
+        )
+    finally:
+        cluster.store("services/default/deathstar", None)

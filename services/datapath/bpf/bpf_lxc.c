@@ -10,6 +10,7 @@
 #include "lib/events.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
+#include "lib/lb.h"
 
 #define PULL_LEN 134   /* Ethernet + largest IPv4 header + largest TCP header */
 
@@ -59,6 +60,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p, int *othe
 		return 0;
 	}
 	void *l4 = (void *)ip + ihl;
+	p->l4_off = ETH_HLEN + ihl;
 	if (ip->protocol == IPPROTO_TCP) {
 		struct tcphdr *th = l4;
 		if ((void *)(th + 1) > data_end)
@@ -158,7 +160,8 @@ static __always_inline __u8 remote_destination(__u32 addr, struct ctx_info *c)
 /* Steer to the node's proxy: a mark that the node's nft rules turn into tproxy/redirect to
  * `port`. Fails closed when no proxy registered the port. */
 static __always_inline int to_proxy(struct __sk_buff *skb, const struct pkt *p, struct ctx_info *c,
-				    __u8 dir, const struct policy_result *r, int is_new, __u64 now)
+				    __u8 dir, const struct policy_result *r, int is_new, __u64 now,
+				    const struct ct_nat *nat)
 {
 	__u16 port = r->proxy_port;
 	__u8 *bound = proxy_ports.lookup(&port);
@@ -171,7 +174,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, const struct pkt *p, 
 		return ret;
 	}
 	if (is_new) {
-		ct_create(p, now, c->src_identity, c->dst_identity, c->src_ep, c->dst_ep, r->cookie, port);
+		ct_create(p, now, c->src_identity, c->dst_identity, c->src_ep, c->dst_ep, r->cookie, port, nat);
 		emit(p, c, EVENT_POLICY_VERDICT, 0, VERDICT_REDIRECTED, r->match_type, 0, r->cookie, port);
 		emit(p, c, EVENT_TRACE, TRACE_TO_PROXY, VERDICT_REDIRECTED, MATCH_NONE, 0, r->cookie, port);
 	}
@@ -204,9 +207,33 @@ int from_container(struct __sk_buff *skb)
 		return drop(&p, &c, DROP_FRAG_NOT_SUPPORTED, 0);
 
 	__u64 now = bpf_ktime_get_ns();
+	struct ct_nat nat = {}, rnat = {};
+	int lb = lb_translate(skb, &p, &nat, now, 0);
+	if (lb > 1)
+		return drop(&p, &c, lb, 0);
 	__u8 new_flags = 0, cached = 0;
-	int state = ct_lookup(&p, now, &new_flags, &cached);
+	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat);
 	struct endpoint_info *dst;
+	if (state == CT_REPLY && rnat.flags) {
+		/* A reply of a connection to a service: its source is the frontend again. */
+		if (lb_rev_nat(skb, &p, &rnat) < 0)
+			return drop(&p, &c, DROP_INVALID_PACKET, 0);
+		if (rnat.flags & CT_NAT_HAIRPIN) {
+			/* Back into the pod it came from, as if from its gateway. */
+			count(0, DIR_EGRESS, p.len);
+			void *data = (void *)(long)skb->data;
+			void *data_end = (void *)(long)skb->data_end;
+			struct ethhdr *eth = data;
+			if ((void *)(eth + 1) > data_end)
+				return TC_ACT_SHOT;
+			__u8 mac[ETH_ALEN];
+			__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+			__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+			__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+			skb->mark = MARK_JUDGED;
+			return bpf_redirect(skb->ifindex, 0);
+		}
+	}
 	if (state == CT_REPLY || cached) {
 		/* Replies pass on conntrack; an original-direction packet reuses the verdict its
 		 * connection got at the current policy revision (any map change invalidates it).
@@ -244,7 +271,7 @@ int from_container(struct __sk_buff *skb)
 	if (eg.verdict == POLICY_DENY || eg.verdict == POLICY_NONE)
 		return policy_denied(&p, &c, DIR_EGRESS, &eg);
 	if (eg.verdict == POLICY_REDIRECT)
-		return to_proxy(skb, &p, &c, DIR_EGRESS, &eg, state == CT_NEW, now);
+		return to_proxy(skb, &p, &c, DIR_EGRESS, &eg, state == CT_NEW, now, &nat);
 
 	struct policy_result in = { .verdict = POLICY_ALLOW, .match_type = MATCH_ALL };
 	if (dst && (dst->flags & EP_F_INGRESS_ENFORCED)) {
@@ -252,12 +279,12 @@ int from_container(struct __sk_buff *skb)
 		if (in.verdict == POLICY_DENY || in.verdict == POLICY_NONE)
 			return policy_denied(&p, &c, DIR_INGRESS, &in);
 		if (in.verdict == POLICY_REDIRECT)
-			return to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now);
+			return to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now, &nat);
 	}
 
 	if (state == CT_NEW) {
 		__u32 cookie = (dst && (dst->flags & EP_F_INGRESS_ENFORCED)) ? in.cookie : eg.cookie;
-		ct_create(&p, now, c.src_identity, c.dst_identity, c.src_ep, c.dst_ep, cookie, 0);
+		ct_create(&p, now, c.src_identity, c.dst_identity, c.src_ep, c.dst_ep, cookie, 0, &nat);
 		if (src->flags & EP_F_EGRESS_ENFORCED)
 			emit(&p, &c, EVENT_POLICY_VERDICT, 0, VERDICT_FORWARDED, eg.match_type, 0, eg.cookie, 0);
 		if (dst && (dst->flags & EP_F_INGRESS_ENFORCED)) {
@@ -306,7 +333,10 @@ int to_container(struct __sk_buff *skb)
 
 	__u64 now = bpf_ktime_get_ns();
 	__u8 new_flags = 0, cached = 0;
-	int state = ct_lookup(&p, now, &new_flags, &cached);
+	struct ct_nat nat = {}, rnat = {};
+	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat);
+	if (state == CT_REPLY && lb_rev_nat(skb, &p, &rnat) < 0)
+		return drop(&p, &c, DROP_INVALID_PACKET, 0);   /* e.g. a proxy's answer for a service */
 	if (from_proxy) {
 		c.src_identity = mark >> 12;   /* trusted: only privileged processes of the node set marks */
 	} else if (state != CT_REPLY && !cached) {
@@ -332,7 +362,7 @@ int to_container(struct __sk_buff *skb)
 	if (in.verdict == POLICY_DENY || in.verdict == POLICY_NONE)
 		return policy_denied(&p, &c, DIR_INGRESS, &in);
 	if (in.verdict == POLICY_REDIRECT && !(from_proxy && (mark & MARK_PROXY_INGRESS_DONE))) {
-		int ret = to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now);
+		int ret = to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now, &nat);
 		if (ret != TC_ACT_OK)
 			return ret;
 		/* Hairpin: back in through this device's ingress, addressed to the node, into the
@@ -347,7 +377,7 @@ int to_container(struct __sk_buff *skb)
 	}
 
 	if (state == CT_NEW) {
-		ct_create(&p, now, c.src_identity, c.dst_identity, c.src_ep, c.dst_ep, in.cookie, 0);
+		ct_create(&p, now, c.src_identity, c.dst_identity, c.src_ep, c.dst_ep, in.cookie, 0, &nat);
 		if (dst->flags & EP_F_INGRESS_ENFORCED)
 			emit(&p, &c, EVENT_POLICY_VERDICT, 0, VERDICT_FORWARDED, in.match_type, 0, in.cookie, 0);
 		emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);

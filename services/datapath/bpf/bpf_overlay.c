@@ -77,12 +77,15 @@ int from_overlay(struct __sk_buff *skb)
 
 	__u64 now = bpf_ktime_get_ns();
 	__u8 new_flags = 0, cached = 0;
-	int state = ct_lookup(&p, now, &new_flags, &cached);
+	struct ct_nat nat = {}, rnat = {};
+	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat);
 	if (state != CT_NEW && ct_peer_identity(&p, state) != src_identity) {
 		/* The tuple's connection was made by another identity: this packet gets no free pass. */
 		state = CT_ORIGINAL;
 		cached = 0;
 	}
+	if (state == CT_REPLY && lb_rev_nat(skb, &p, &rnat) < 0)
+		return drop(&p, &c, DROP_INVALID_PACKET, 0);   /* a remote backend's reply to a service client */
 	if (state == CT_REPLY || cached) {
 		count(0, DIR_INGRESS, p.len);
 		if (new_flags) {
@@ -99,10 +102,10 @@ int from_overlay(struct __sk_buff *skb)
 	if (in.verdict == POLICY_DENY || in.verdict == POLICY_NONE)
 		return policy_denied(&p, &c, DIR_INGRESS, &in);
 	if (in.verdict == POLICY_REDIRECT)
-		return to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now);   /* on into the stack */
+		return to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now, &nat);   /* on into the stack */
 
 	if (state == CT_NEW) {
-		ct_create(&p, now, src_identity, c.dst_identity, 0, c.dst_ep, in.cookie, 0);
+		ct_create(&p, now, src_identity, c.dst_identity, 0, c.dst_ep, in.cookie, 0, &nat);
 		emit(&p, &c, EVENT_TRACE, TRACE_FROM_OVERLAY, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);
 		c.ifindex = dst->ifindex;
 		if (dst->flags & EP_F_INGRESS_ENFORCED)

@@ -48,6 +48,7 @@
 #define DROP_UNSUPPORTED_L3     139
 #define DROP_UNKNOWN_L4         142
 #define DROP_FRAG_NOT_SUPPORTED 157
+#define DROP_NO_SERVICE         158
 #define DROP_NO_TUNNEL_ENDPOINT 160
 #define DROP_PROXY_NOT_BOUND    178
 #define DROP_POLICY_DENY        181
@@ -70,6 +71,9 @@
 #define IDENTITY_WORLD 2
 #define IDENTITY_REMOTE_NODE 6
 
+/* The address a pod's connection to itself through a service is SNATed to (Cilium's IPV4_LOOPBACK). */
+#define IPV4_LOOPBACK_BE 0x012AFEA9   /* 169.254.42.1 in network order */
+
 #define ETH_P_ARP_BE  0x0608   /* htons(ETH_P_ARP) */
 #define ETH_P_IP_BE   0x0008   /* htons(ETH_P_IP) */
 #define ETH_P_IPV6_BE 0xDD86   /* htons(ETH_P_IPV6) */
@@ -89,6 +93,8 @@ struct pkt {
 	__u8  is_fragment;
 	__u8  pad;
 	__u32 len;
+	__u16 l4_off;    /* offset of the L4 header from the start of the frame */
+	__u16 pad2;
 };
 
 #endif

@@ -59,16 +59,28 @@ static __always_inline __u32 current_policy_rev(void)
 	return rev ? *rev : 0;
 }
 
+/* What a connection through a service frontend remembers, so that replies get the frontend back. */
+#define CT_NAT_SERVICE 0x1   /* replies: source <- the frontend */
+#define CT_NAT_HAIRPIN 0x2   /* a pod reaching itself: replies also get destination <- the pod */
+struct ct_nat {
+	__u32 addr;   /* frontend address, network order */
+	__u16 port;   /* frontend port, network order */
+	__u8  flags;
+	__u8  pad;
+};
+
 /* Look the packet up; on a hit, refresh the entry and report whether its TCP flags are new for its
  * direction (monitor aggregation: trace events only on connection setup and flag changes), and
  * whether an original-direction packet may reuse the verdict cached at the current revision. */
-static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_flags, __u8 *cached)
+static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_flags, __u8 *cached,
+				     struct ct_nat *nat)
 {
 	struct ct_key k = {};
 	struct ct_entry *e;
 
 	*new_flags = 0;
 	*cached = 0;
+	nat->flags = 0;
 	ct_key_of(p, &k, 0);
 	e = ct.lookup(&k);
 	if (e) {
@@ -103,6 +115,9 @@ static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_f
 			*new_flags = 1;
 			e->tcp_flags_seen_reply |= p->tcp_flags;
 		}
+		nat->flags = e->nat_flags;
+		nat->addr = e->nat_addr;
+		nat->port = e->nat_port;
 		return CT_REPLY;
 	}
 	return CT_NEW;
@@ -133,7 +148,8 @@ static __always_inline void ct_cache_verdict(const struct pkt *p)
 }
 
 static __always_inline void ct_create(const struct pkt *p, __u64 now, __u32 src_identity, __u32 dst_identity,
-				      __u32 src_ep, __u32 dst_ep, __u32 cookie, __u16 proxy_port)
+				      __u32 src_ep, __u32 dst_ep, __u32 cookie, __u16 proxy_port,
+				      const struct ct_nat *nat)
 {
 	struct ct_key k = {};
 	struct ct_entry e = {};
@@ -155,6 +171,9 @@ static __always_inline void ct_create(const struct pkt *p, __u64 now, __u32 src_
 	else
 		e.flags |= CT_F_VERDICT_CACHED;
 	e.policy_rev = current_policy_rev();
+	e.nat_flags = nat->flags;
+	e.nat_addr = nat->addr;
+	e.nat_port = nat->port;
 	if (p->tcp_flags & (TCP_FLAG_FIN_ | TCP_FLAG_RST_))
 		e.flags |= CT_F_CLOSING;
 	ct.update(&k, &e);

@@ -82,9 +82,11 @@ struct ct_entry {
 	__u8  flags;
 	__u8  tcp_flags_seen;       /* union of flags seen in the original direction */
 	__u8  tcp_flags_seen_reply; /* ... and in the reply direction */
-	__u8  pad1;
-	__u16 pad2;
+	__u8  nat_flags;            /* CT_NAT_*: the connection went through a service frontend */
+	__u16 nat_port;             /* the frontend's port (network order): replies get it back */
 	__u32 policy_rev;           /* the policy revision the cached verdict was taken at */
+	__u32 nat_addr;             /* the frontend's address (network order) */
+	__u32 pad3;
 };
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct, 262144, PIN("ct"));
 
