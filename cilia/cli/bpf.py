@@ -293,3 +293,55 @@ def endpoint_list(node: str | None, output: str) -> None:
         )
         return
     click.echo(table(("ip", "endpoint", "identity", "ifindex", "flags"), rows))
+
+
+@bpf.group("lb")
+def lb_group() -> None:
+    """The service load-balancing maps."""
+
+
+@lb_group.command("list")
+@node_option
+@output_option
+def lb_list(node: str | None, output: str) -> None:
+    """Frontends, their slots and backends, like `cilium-dbg bpf lb list`."""
+    from services.datapath import maps
+    from services.datapath.lb import PROTO_NAMES
+
+    m = _maps(node)
+    try:
+        services = m.lb_service_items()
+        backends = m.lb_backend_items()
+    finally:
+        m.close()
+    grouped: dict[tuple[str, int, int], dict[int, Any]] = {}
+    for (addr, port, proto, slot), v in services.items():
+        grouped.setdefault((addr, port, proto), {})[slot] = v
+    rows: list[tuple[object, ...]] = []
+    items = []
+    for (addr, port, proto), slots in sorted(grouped.items()):
+        master = slots.get(0)
+        rev = int(master.rev_nat_id) if master is not None else 0
+        frontend = f"{addr}:{port}/{PROTO_NAMES.get(proto, proto)} ({rev})"
+        kinds = []
+        if master is not None:
+            kinds.append("LoadBalancer" if master.flags & maps.SVC_F_EXTERNAL else "ClusterIP")
+            if master.flags & maps.SVC_F_AFFINITY:
+                kinds.append("sessionAffinity")
+            if master.flags & maps.SVC_F_LOCAL_ONLY:
+                kinds.append("Local")
+        lines = [f"0.0.0.0:0 ({rev}) (0) [{', '.join(kinds)}]"]
+        entry: dict[str, Any] = {"frontend": frontend, "type": kinds, "backends": []}
+        for slot in sorted(s for s in slots if s):
+            bid = int(slots[slot].backend_id)
+            b = backends.get(bid)
+            text = f"{b[0]}:{b[1]}/{PROTO_NAMES.get(b[2], b[2])}" if b else f"backend {bid} (missing)"
+            lines.append(f"{text} ({rev}) ({slot})")
+            entry["backends"].append({"slot": slot, "id": bid, "address": text})
+        items.append(entry)
+        rows.append((frontend, lines[0]))
+        rows += [("", line) for line in lines[1:]]
+    if output == "json":
+        click.echo(to_json(items))
+        return
+    click.echo(table(("SERVICE ADDRESS", "BACKEND ADDRESS (REVNAT_ID) (SLOT)"), rows, upper=False))

@@ -242,9 +242,9 @@ class LBWriter:
         # Backends and slots first, then each frontend's count: a reader never meets a slot
         # the count promises but the map does not hold yet.
         order = sorted(desired, key=lambda k: k[3] == 0)
-        for key in order:
-            if self.written.get(key) != desired[key]:
-                bid, count, rev, flags, local, timeout = desired[key]
+        for slot_key in order:
+            if self.written.get(slot_key) != desired[slot_key]:
+                bid, count, rev, flags, local, timeout = desired[slot_key]
                 value = maps.LBServiceC(
                     backend_id=bid,
                     count=count,
@@ -253,13 +253,13 @@ class LBWriter:
                     local_count=local,
                     affinity_timeout=timeout,
                 )
-                self.maps.lb_service_set(key[0], key[1], key[2], key[3], value)
-                self.written[key] = desired[key]
+                self.maps.lb_service_set(*slot_key, value)
+                self.written[slot_key] = desired[slot_key]
                 changes += 1
         # Then what is gone: counts first (a frontend without count sends nothing to old slots).
-        for key in sorted(set(self.written) - set(desired), key=lambda k: k[3] != 0):
-            self.maps.lb_service_delete(*key)
-            del self.written[key]
+        for slot_key in sorted(set(self.written) - set(desired), key=lambda k: k[3] != 0):
+            self.maps.lb_service_delete(*slot_key)
+            del self.written[slot_key]
             changes += 1
         for key in sorted(set(self.backend_ids) - needed):
             self.maps.lb_backend_delete(self.backend_ids.pop(key))

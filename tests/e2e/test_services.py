@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import subprocess
 import textwrap
 from typing import Any
 
@@ -102,6 +103,13 @@ def test_a_cluster_ip_spreads_connections_and_a_deleted_backend_gets_none(node: 
     deathstars(node)
     store(node, DEATHSTAR, "deathstar")
     wait_backends(node, f"{VIP}:80/TCP", 2)
+    listing = subprocess.run(
+        [str(VENV_BIN / "cilia"), "bpf", "lb", "list", "--node", node.name], capture_output=True, text=True
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert f"{VIP}:80/TCP" in listing.stdout and "[ClusterIP]" in listing.stdout
+    for ref in ("default/deathstar-1", "default/deathstar-2"):
+        assert f"{node.ip(ref)}:80/TCP" in listing.stdout
     answers = collections.Counter(curl(node, "default/tiefighter", f"http://{VIP}/v1/") for _ in range(30))
     assert set(answers) == {"deathstar-1 /v1/", "deathstar-2 /v1/"}, answers
     status, _ = node.api("DELETE", "/v1/endpoints/default/deathstar-2")
