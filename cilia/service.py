@@ -316,6 +316,12 @@ class Service:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        if self.settings.role == "service":
+            # The cluster's buckets exist before any agent (which may only read some) watches them.
+            try:
+                await self.kv.prepare(bus.BUCKETS)
+            except Exception as err:
+                log.warning("event=buckets-not-prepared error=%r", str(err))
 
     async def _run(self) -> None:
         await self._connect()

@@ -79,8 +79,8 @@ async def _connect(url: str, closed: asyncio.Event) -> NATS:
             closed_cb=on_closed,
         )
     except (NoServersError, OSError, TimeoutError, nats.errors.Error) as err:
-        cause = errors[-1] if errors else err
-        if isinstance(cause, AuthorizationError) or "authorization" in str(cause).lower():
+        # The server may reset the socket right after refusing the login: any refusal counts.
+        if any(isinstance(e, AuthorizationError) or "authorization" in str(e).lower() for e in [*errors, err]):
             raise ObserveError(
                 f"NATS at {url} refused the credentials (check CILIA_TOKEN_FILE and its `reader` user)"
             ) from None

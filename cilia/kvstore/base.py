@@ -12,7 +12,7 @@ import asyncio
 import builtins
 import contextlib
 import enum
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -179,6 +179,11 @@ class KVStore(Protocol):
         The watch survives reconnects and server restarts: it resumes where it stopped, or lists again
         and reports the difference (PUT for new or changed keys, DELETE for keys that went away).
         """
+        ...
+
+    async def prepare(self, buckets: Iterable[str]) -> None:
+        """Make these buckets ready for use where the store needs them made (NATS streams); the
+        cluster services call it at start so that read-only clients find them."""
         ...
 
     async def grant(self, ttl_seconds: int) -> Lease:

@@ -21,7 +21,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from typing import Any
 
 from aetcd import rpc
@@ -324,6 +324,9 @@ class EtcdKVStore:
             raise _Resume("the watch stream ended")
         finally:
             call.cancel()
+
+    async def prepare(self, buckets: Iterable[str]) -> None:
+        """etcd has no buckets to make."""
 
     async def close(self) -> None:
         """End every watch and close the channel."""

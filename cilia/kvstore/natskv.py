@@ -36,7 +36,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -188,7 +188,9 @@ class NatsKVStore:
         self._js = nc.jetstream(timeout=timeout)
         self._jsm = nc.jsm(timeout=timeout)
         self._streams: set[str] = set()
-        self._streams_lock = asyncio.Lock()
+        # One lock per bucket: a bucket that is slow to set up (or that this user may not create)
+        # never holds up the others.
+        self._stream_locks: dict[str, asyncio.Lock] = {}
         self._leases: dict[int, _LeaseState] = {}
         self._watches: set[Watch] = set()
         self._online = asyncio.Event()
@@ -326,7 +328,7 @@ class NatsKVStore:
         stream = f"KV_{bucket}"
         if stream in self._streams:
             return stream
-        async with self._streams_lock:
+        async with self._stream_locks.setdefault(stream, asyncio.Lock()):
             if stream not in self._streams:
                 with self._errors(f"set up bucket {bucket!r}"):
                     try:
@@ -348,6 +350,11 @@ class NatsKVStore:
                         await self._jsm.update_stream(config)
                 self._streams.add(stream)
         return stream
+
+    async def prepare(self, buckets: Iterable[str]) -> None:
+        """Create the streams of these buckets now (a writer's job: readers may not create them)."""
+        for bucket in buckets:
+            await self._stream(bucket)
 
     async def _last(self, key: str) -> _Record | None:
         """The last message of `key` (a value or a tombstone), or None if the bucket has none."""

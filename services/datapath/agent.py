@@ -133,6 +133,7 @@ class Agent:
         proxy_ports: Mapping[str, int] | None = None,
         tunnel: bool = True,
         node_ip: str | None = None,
+        devices: Iterable[str] | None = None,
     ) -> None:
         self.node = node
         self.pin_root = pin_root
@@ -167,6 +168,9 @@ class Agent:
         self.nodes_synced = False
         self.overlay_ifindex = 0
         self.services: dict[str, lb.ServiceSpec] = {}
+        # Uplinks where outside traffic to LoadBalancer/external IPs arrives (None: the device of
+        # the node's address).
+        self.devices = list(devices) if devices is not None else None
         self.lb: lb.LBWriter | None = None
 
     # --- start-up and restore ------------------------------------------------------------------
@@ -195,6 +199,7 @@ class Agent:
             self.node_ips.add(self.configured_node_ip)
         if self.tunnel:
             await asyncio.to_thread(self._setup_overlay)
+        await asyncio.to_thread(self._setup_devices)
         await self._restore()
         await asyncio.to_thread(self._reset_proxies)
         await asyncio.to_thread(self._write_node_ipcache)
@@ -204,6 +209,20 @@ class Agent:
         self.overlay_ifindex = overlay.ensure_device(self.node_netns, self.node)
         loader.attach_overlay(self.programs, overlay.DEVICE, self.node_netns)
         self.maps.config_set(maps.CONFIG_OVERLAY_IFINDEX, self.overlay_ifindex)
+
+    def _setup_devices(self) -> None:
+        """from_netdev on the uplinks, and the node address that outside traffic is SNATed to."""
+        assert self.programs is not None and self.maps is not None
+        ip = self.node_ip
+        if ip is not None:
+            self.maps.config_set_ip(maps.CONFIG_NODE_IP, ip)
+        devices = self.devices
+        if devices is None:
+            devices = [d for d in [plumbing.device_of(ip, self.node_netns)] if d] if ip else []
+        for dev in devices:
+            loader.attach_netdev(self.programs, dev, self.node_netns)
+        if devices:
+            log.info("event=uplinks-attached devices=%s", ",".join(devices))
 
     @property
     def node_ip(self) -> str | None:

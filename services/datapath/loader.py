@@ -24,7 +24,7 @@ log = logging.getLogger("cilia.datapath.loader")
 
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 MAIN_SOURCE = BPF_DIR / "cilia.c"
-PROGRAMS = ("from_container", "to_container", "to_overlay", "from_overlay")
+PROGRAMS = ("from_container", "to_container", "to_overlay", "from_overlay", "from_netdev")
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 
@@ -157,6 +157,11 @@ def _attach_pair(
 def attach_overlay(programs: LoadedPrograms, ifname: str, netns: str | None = None) -> None:
     """Attach from_overlay at TC ingress and to_overlay at TC egress of the node's tunnel device."""
     _attach_pair(programs, ifname, netns, (("ingress", "from_overlay"), ("egress", "to_overlay")))
+
+
+def attach_netdev(programs: LoadedPrograms, ifname: str, netns: str | None = None) -> None:
+    """Attach from_netdev at TC ingress of a node uplink (outside traffic to service frontends)."""
+    _attach_pair(programs, ifname, netns, (("ingress", "from_netdev"),))
 
 
 def detach(ifname: str, netns: str | None = None) -> None:

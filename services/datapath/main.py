@@ -48,6 +48,7 @@ class DatapathSettings(Settings):
     tunnel: str = Field(default="vxlan", pattern="^(vxlan|disabled)$")
     node_ip: str | None = None  # the address other nodes tunnel to (default: the node's first)
     node_lease_seconds: int = Field(default=15, ge=1)
+    devices: str | None = None  # comma-separated uplinks for outside service traffic (default: the node IP's)
 
     def pins(self) -> Path:
         return self.pin_root or maps.pin_root(self.node)
@@ -159,6 +160,7 @@ def build(settings: DatapathSettings | None = None) -> Service:
         settings.node_netns,
         tunnel=settings.tunnel == "vxlan",
         node_ip=settings.node_ip,
+        devices=[d for d in settings.devices.split(",") if d] if settings.devices is not None else None,
     )
     registry: dict[str, NodeInfo] = {}
 

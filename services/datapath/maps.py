@@ -41,6 +41,7 @@ SVC_F_LOCAL_ONLY = 0x4
 CT_NAT_SERVICE = 0x1
 CT_NAT_HAIRPIN = 0x2
 CONFIG_OVERLAY_IFINDEX = 0
+CONFIG_NODE_IP = 1
 EVENTS = "events"
 MAP_NAMES = (IPCACHE, ENDPOINTS, POLICY, CT, METRICS, PROXY_PORTS, POLICY_REV, EVENTS)
 METRICS_SLOTS = 1024  # index = reason * 4 + direction
@@ -610,6 +611,9 @@ class DatapathMaps:
     # node configuration
     def config_set(self, index: int, value: int) -> None:
         self.config.update(ctypes.c_uint32(index), ctypes.c_uint32(value))
+
+    def config_set_ip(self, index: int, ip: str) -> None:
+        self.config_set(index, _ip_to_u32(ip))
 
     def config_get(self, index: int) -> int:
         value = self.config.lookup(ctypes.c_uint32(index))

@@ -580,3 +580,14 @@ def node_addresses(node_netns: str | None = None) -> list[IPv4Address]:
             if a["scope"] != _RT_SCOPE_HOST
         }
     return sorted(found)
+
+
+def device_of(address: str, node_netns: str | None = None) -> str | None:
+    """The name of the node's device that holds `address` (None: no such device, or loopback)."""
+    with _netlink(_node_path(node_netns)) as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                link = _link(ipr, a["index"])
+                name = link.get_attr("IFLA_IFNAME") if link is not None else None
+                return None if name == "lo" else name
+    return None

@@ -426,3 +426,77 @@ def test_a_service_with_backends_on_two_nodes_serves_a_client_on_a_third(cluster
         )
     finally:
         cluster.store("services/default/deathstar", None)
+
+
+def test_outside_traffic_to_a_load_balancer_ip_reaches_backends_on_every_node(
+    cluster: ClusterHarness,
+) -> None:
+    """The L2/BGP announcement is stood in for by a static route to the first node (the announcers
+    have tests of their own); what is tested here is the datapath on that node's uplink."""
+    n1, n2, _n3 = cluster.nodes
+    for i, node in ((1, n1), (2, n2)):
+        ref = f"default/deathstar-{i}"
+        cluster.add(node, f"deathstar-{i}", {"org": "empire", "class": "deathstar"})
+        cluster.spawn(
+            ref, str(VENV_BIN / "python"), "-m", "cilia.demo_apps", "http", "--port", "80", "--name", ref
+        )
+        eventually(
+            lambda ref=ref: ":80 " in cluster.exec(ref, "ss", "-H", "-ltn").stdout, what=f"http on {ref}"
+        )
+    lb_ip = "198.18.0.10"
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "deathstar", "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.1.20",
+            "selector": {"class": "deathstar"},
+            "ports": [{"port": 80}],
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}},
+    }
+    outside = cluster.internet = ClusterInternet(cluster)
+    subprocess.run(
+        ["ip", "-n", outside.netns, "route", "add", f"{lb_ip}/32", "via", cluster.state.nodes[n1].ip],
+        check=True,
+    )
+
+    def from_outside() -> str:
+        argv = [
+            "nsenter",
+            f"--net=/run/netns/{outside.netns}",
+            "--",
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            f"http://{lb_ip}/",
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else f"FAILED ({done.returncode})"
+
+    def frontend_backends(node: str) -> int:
+        code, body = cluster.request(f"{cluster.api(node)}/v1/services", "GET")
+        items = body.get("items", []) if code == 200 else []
+        return max((len(f["backends"]) for f in items if f["frontend"].startswith(lb_ip)), default=0)
+
+    cluster.store("services/default/deathstar", svc)
+    try:
+        eventually(lambda: frontend_backends(n1) == 2, what="node1's LoadBalancer frontend")
+        seen = {from_outside() for _ in range(30)}
+        assert seen == {"default/deathstar-1 /", "default/deathstar-2 /"}, seen
+        # Policy still sees the outside client as world, also on the other node (the VNI says so).
+        cluster.apply(RULE1)
+        assert {from_outside() for _ in range(6)} == {"FAILED (28)"}
+        world = RULE1.replace("fromEndpoints: [{matchLabels: {org: empire}}]", "fromEntities: [world]")
+        cluster.apply(world)
+        assert {from_outside() for _ in range(20)} == {"default/deathstar-1 /", "default/deathstar-2 /"}
+        # externalTrafficPolicy: Local keeps outside traffic on the receiving node's backends.
+        svc["spec"]["externalTrafficPolicy"] = "Local"
+        cluster.store("services/default/deathstar", svc)
+        eventually(
+            lambda: {from_outside() for _ in range(10)} == {"default/deathstar-1 /"}, what="Local policy"
+        )
+    finally:
+        cluster.store("services/default/deathstar", None)

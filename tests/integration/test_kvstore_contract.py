@@ -123,6 +123,17 @@ async def test_delete_with_revision_only_deletes_an_unchanged_key(kvstore: KVSto
     assert gone.value.actual is None
 
 
+async def test_prepared_buckets_are_ready_and_preparing_again_changes_nothing(
+    kvstore: KVStore, bucket: str
+) -> None:
+    await kvstore.prepare([bucket, f"{bucket}x"])
+    await kvstore.prepare([bucket])
+    assert await kvstore.list(f"{bucket}/") == []
+    await kvstore.put(f"{bucket}/a", b"1")
+    await kvstore.prepare([bucket])
+    assert [e.key for e in await kvstore.list(f"{bucket}/")] == [f"{bucket}/a"]
+
+
 async def test_list_returns_the_keys_under_a_prefix_and_no_others(kvstore: KVStore, bucket: str) -> None:
     keys = {
         f"{bucket}/a/1": b"a1",

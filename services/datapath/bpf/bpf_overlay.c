@@ -15,6 +15,66 @@ static __always_inline __u32 overlay_source_identity(const struct pkt *p, __u32 
 	return remote_identity(p->saddr);
 }
 
+/* Traffic arriving at the node for a local endpoint, from a source whose identity the caller
+ * established (the VNI, or the ipcache for outside traffic): the endpoint's ingress policy with
+ * conntrack, then marked as judged for to_container. `nat`: the frontend, when the caller
+ * translated a service address. `from`: the trace point of a new connection's first hop. */
+static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pkt *p, struct ctx_info *c,
+					       struct endpoint_info *dst, __u64 now, const struct ct_nat *nat,
+					       __u8 from)
+{
+	__u32 src_identity = c->src_identity;
+	c->dst_ep = dst->ep_id;
+	c->dst_identity = dst->identity;
+	if (p->is_fragment)
+		return drop(p, c, DROP_FRAG_NOT_SUPPORTED, 0);
+
+	__u8 new_flags = 0, cached = 0;
+	struct ct_nat rnat = {};
+	int state = ct_lookup(p, now, &new_flags, &cached, &rnat);
+	if (state != CT_NEW && ct_peer_identity(p, state) != src_identity) {
+		/* The tuple's connection was made by another identity: this packet gets no free pass. */
+		state = CT_ORIGINAL;
+		cached = 0;
+	}
+	if (state == CT_REPLY && lb_rev_nat(skb, p, &rnat) < 0)
+		return drop(p, c, DROP_INVALID_PACKET, 0);   /* a remote backend's reply to a service client */
+	if (state == CT_REPLY || cached) {
+		count(0, DIR_INGRESS, p->len);
+		if (new_flags) {
+			c->ifindex = dst->ifindex;
+			emit(p, c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, state == CT_REPLY, 0, 0);
+		}
+		skb->mark = MARK_JUDGED;
+		return TC_ACT_OK;
+	}
+
+	struct policy_result in = { .verdict = POLICY_ALLOW, .match_type = MATCH_ALL };
+	if (dst->flags & EP_F_INGRESS_ENFORCED)
+		policy_lookup(dst->ep_id, src_identity, 0, p->proto, p->policy_port, &in);
+	if (in.verdict == POLICY_DENY || in.verdict == POLICY_NONE)
+		return policy_denied(p, c, DIR_INGRESS, &in);
+	if (in.verdict == POLICY_REDIRECT)
+		return to_proxy(skb, p, c, DIR_INGRESS, &in, state == CT_NEW, now, nat);   /* on into the stack */
+
+	if (state == CT_NEW) {
+		ct_create(p, now, src_identity, c->dst_identity, 0, c->dst_ep, in.cookie, 0, nat);
+		emit(p, c, EVENT_TRACE, from, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);
+		c->ifindex = dst->ifindex;
+		if (dst->flags & EP_F_INGRESS_ENFORCED)
+			emit(p, c, EVENT_POLICY_VERDICT, 0, VERDICT_FORWARDED, in.match_type, 0, in.cookie, 0);
+		emit(p, c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);
+	} else {
+		ct_cache_verdict(p);
+		c->ifindex = dst->ifindex;
+		if (new_flags)
+			emit(p, c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
+	}
+	count(0, DIR_INGRESS, p->len);
+	skb->mark = MARK_JUDGED;
+	return TC_ACT_OK;
+}
+
 int to_overlay(struct __sk_buff *skb)
 {
 	struct pkt p = {};
@@ -70,54 +130,6 @@ int from_overlay(struct __sk_buff *skb)
 		c.dst_identity = remote_identity(p.daddr);
 		return TC_ACT_OK;   /* for the node itself */
 	}
-	c.dst_ep = dst->ep_id;
-	c.dst_identity = dst->identity;
-	if (p.is_fragment)
-		return drop(&p, &c, DROP_FRAG_NOT_SUPPORTED, 0);
-
-	__u64 now = bpf_ktime_get_ns();
-	__u8 new_flags = 0, cached = 0;
-	struct ct_nat nat = {}, rnat = {};
-	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat);
-	if (state != CT_NEW && ct_peer_identity(&p, state) != src_identity) {
-		/* The tuple's connection was made by another identity: this packet gets no free pass. */
-		state = CT_ORIGINAL;
-		cached = 0;
-	}
-	if (state == CT_REPLY && lb_rev_nat(skb, &p, &rnat) < 0)
-		return drop(&p, &c, DROP_INVALID_PACKET, 0);   /* a remote backend's reply to a service client */
-	if (state == CT_REPLY || cached) {
-		count(0, DIR_INGRESS, p.len);
-		if (new_flags) {
-			c.ifindex = dst->ifindex;
-			emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, state == CT_REPLY, 0, 0);
-		}
-		skb->mark = MARK_JUDGED;
-		return TC_ACT_OK;
-	}
-
-	struct policy_result in = { .verdict = POLICY_ALLOW, .match_type = MATCH_ALL };
-	if (dst->flags & EP_F_INGRESS_ENFORCED)
-		policy_lookup(dst->ep_id, src_identity, 0, p.proto, p.policy_port, &in);
-	if (in.verdict == POLICY_DENY || in.verdict == POLICY_NONE)
-		return policy_denied(&p, &c, DIR_INGRESS, &in);
-	if (in.verdict == POLICY_REDIRECT)
-		return to_proxy(skb, &p, &c, DIR_INGRESS, &in, state == CT_NEW, now, &nat);   /* on into the stack */
-
-	if (state == CT_NEW) {
-		ct_create(&p, now, src_identity, c.dst_identity, 0, c.dst_ep, in.cookie, 0, &nat);
-		emit(&p, &c, EVENT_TRACE, TRACE_FROM_OVERLAY, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);
-		c.ifindex = dst->ifindex;
-		if (dst->flags & EP_F_INGRESS_ENFORCED)
-			emit(&p, &c, EVENT_POLICY_VERDICT, 0, VERDICT_FORWARDED, in.match_type, 0, in.cookie, 0);
-		emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, in.cookie, 0);
-	} else {
-		ct_cache_verdict(&p);
-		c.ifindex = dst->ifindex;
-		if (new_flags)
-			emit(&p, &c, EVENT_TRACE, TRACE_TO_LXC, VERDICT_FORWARDED, MATCH_NONE, 0, 0, 0);
-	}
-	count(0, DIR_INGRESS, p.len);
-	skb->mark = MARK_JUDGED;
-	return TC_ACT_OK;
+	struct ct_nat nat = {};
+	return ingress_to_endpoint(skb, &p, &c, dst, bpf_ktime_get_ns(), &nat, TRACE_FROM_OVERLAY);
 }

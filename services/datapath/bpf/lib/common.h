@@ -40,6 +40,7 @@
 #define TRACE_TO_OVERLAY 4
 #define TRACE_FROM_LXC 5
 #define TRACE_FROM_OVERLAY 9
+#define TRACE_FROM_NETWORK 10
 
 #define DROP_INVALID_SOURCE_IP  132
 #define DROP_POLICY             133

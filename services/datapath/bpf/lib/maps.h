@@ -105,8 +105,9 @@ BPF_TABLE_PINNED("array", __u32, __u32, policy_rev, 1, PIN("policy_rev"));
 /* Proxy ports a proxy has registered on this node; redirects to any other port fail closed. */
 BPF_TABLE_PINNED("hash", __u16, __u8, proxy_ports, 256, PIN("proxy_ports"));
 
-/* Node configuration the agent writes: CONFIG_OVERLAY_IFINDEX = the node's cilia_vxlan device. */
+/* Node configuration the agent writes (CONFIG_*). */
 #define CONFIG_OVERLAY_IFINDEX 0
+#define CONFIG_NODE_IP 1   /* network order: the address outside traffic to a remote backend is SNATed to */
 BPF_TABLE_PINNED("array", __u32, __u32, config, 4, PIN("config"));
 
 #endif
