@@ -212,7 +212,7 @@ int from_container(struct __sk_buff *skb)
 	if (lb > 1)
 		return drop(&p, &c, lb, 0);
 	__u8 new_flags = 0, cached = 0;
-	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat);
+	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat, &nat);
 	struct endpoint_info *dst;
 	if (state == CT_REPLY && rnat.flags) {
 		/* A reply of a connection to a service: its source is the frontend again. */
@@ -334,7 +334,7 @@ int to_container(struct __sk_buff *skb)
 	__u64 now = bpf_ktime_get_ns();
 	__u8 new_flags = 0, cached = 0;
 	struct ct_nat nat = {}, rnat = {};
-	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat);
+	int state = ct_lookup(&p, now, &new_flags, &cached, &rnat, &nat);
 	if (state == CT_REPLY && lb_rev_nat(skb, &p, &rnat) < 0)
 		return drop(&p, &c, DROP_INVALID_PACKET, 0);   /* e.g. a proxy's answer for a service */
 	if (from_proxy) {

@@ -31,7 +31,7 @@ static __always_inline int ingress_to_endpoint(struct __sk_buff *skb, struct pkt
 
 	__u8 new_flags = 0, cached = 0;
 	struct ct_nat rnat = {};
-	int state = ct_lookup(p, now, &new_flags, &cached, &rnat);
+	int state = ct_lookup(p, now, &new_flags, &cached, &rnat, nat);
 	if (state != CT_NEW && ct_peer_identity(p, state) != src_identity) {
 		/* The tuple's connection was made by another identity: this packet gets no free pass. */
 		state = CT_ORIGINAL;

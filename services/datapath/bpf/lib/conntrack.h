@@ -71,9 +71,11 @@ struct ct_nat {
 
 /* Look the packet up; on a hit, refresh the entry and report whether its TCP flags are new for its
  * direction (monitor aggregation: trace events only on connection setup and flag changes), and
- * whether an original-direction packet may reuse the verdict cached at the current revision. */
+ * whether an original-direction packet may reuse the verdict cached at the current revision. `want`:
+ * the frontend the original-direction packet was translated from (flags 0: none); `nat`: on a
+ * reply, the frontend its connection was made to. */
 static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_flags, __u8 *cached,
-				     struct ct_nat *nat)
+				     struct ct_nat *nat, const struct ct_nat *want)
 {
 	struct ct_key k = {};
 	struct ct_entry *e;
@@ -84,7 +86,11 @@ static __always_inline int ct_lookup(const struct pkt *p, __u64 now, __u8 *new_f
 	ct_key_of(p, &k, 0);
 	e = ct.lookup(&k);
 	if (e) {
-		if (now - e->last_seen > ct_timeout(e, p->proto)) {
+		if (now - e->last_seen > ct_timeout(e, p->proto) || e->nat_flags != want->flags ||
+		    (want->flags && (e->nat_addr != want->addr || e->nat_port != want->port))) {
+			/* Expired, or the tuple now belongs to a connection made another way (through a
+			 * service frontend, or no longer): a new connection, whose replies must be
+			 * translated as it was. */
 			ct.delete(&k);
 			return CT_NEW;
 		}
