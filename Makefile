@@ -29,6 +29,7 @@ bench: bootstrap
 	$(PY) bench/control_plane.py
 	$(PY) bench/datapath.py
 	$(PY) bench/cluster.py
+	$(PY) bench/services.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache bench/out

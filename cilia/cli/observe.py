@@ -80,7 +80,9 @@ async def _connect(url: str, closed: asyncio.Event) -> NATS:
         )
     except (NoServersError, OSError, TimeoutError, nats.errors.Error) as err:
         # The server may reset the socket right after refusing the login: any refusal counts.
-        if any(isinstance(e, AuthorizationError) or "authorization" in str(e).lower() for e in [*errors, err]):
+        if any(
+            isinstance(e, AuthorizationError) or "authorization" in str(e).lower() for e in [*errors, err]
+        ):
             raise ObserveError(
                 f"NATS at {url} refused the credentials (check CILIA_TOKEN_FILE and its `reader` user)"
             ) from None
