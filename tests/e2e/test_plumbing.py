@@ -180,9 +180,11 @@ def test_only_the_pods_ipv4_packets_cross_the_veth_no_arp_no_ipv6(
     done = exec_in(a, ["ping", "-c3", "-i0.2", "-W1", str(IP_B)], timeout=TIMEOUT)
 
     assert done.returncode == 0, done.stdout + done.stderr
+    received = int(re.search(r"(\d+) received", done.stdout).group(1))  # type: ignore[union-attr]
     stats = ip_json("-s", "link", "show", "dev", a.host_ifname, netns=node_netns)[0]["stats64"]
-    # three echo requests in, three replies out: no ARP (permanent neighbours), no RS/DAD/MLD (IPv6 off)
-    assert (stats["rx"]["packets"], stats["tx"]["packets"]) == (3, 3)
+    # the echo requests in, the replies ping got out, nothing else: no ARP (permanent neighbours),
+    # no RS/DAD/MLD (IPv6 off). (A loaded machine may lose a reply; then ping counts one less.)
+    assert (stats["rx"]["packets"], stats["tx"]["packets"]) == (3, received)
 
 
 def test_pod_reaches_another_pod_through_the_node(node_netns: str, make_endpoint: EndpointFactory) -> None:
