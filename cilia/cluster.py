@@ -274,7 +274,8 @@ class LocalCluster:
         if net.num_addresses < len(names) + 12 or 2 ** (24 - min(pods.prefixlen, 24)) <= len(names):
             raise ClusterError(f"underlay {net} or pod CIDRs {pods} too small for {len(names)} nodes")
         bridge = f"{name}-br"
-        if _run(["ip", "link", "show", bridge], check=False).returncode == 0:
+        exists = _run(["ip", "link", "show", bridge], check=False).returncode == 0
+        if exists and not sweep_leftovers(name):
             raise ClusterError(
                 f"link {bridge} exists already: another cluster named {name!r} is up (use --name)"
             )
@@ -584,6 +585,28 @@ class LocalCluster:
                 _stop(pid)
         _run(["ip", "link", "del", state.bridge], check=False)
         shutil.rmtree(state.dir, ignore_errors=True)
+
+
+def sweep_leftovers(name: str) -> bool:
+    """Remove what a cluster named `name` left behind when its state directory is gone (a run killed
+    before it could clean up): its node namespaces, bridge, uplinks and pinned maps. Does nothing and
+    returns False while any process still runs in one of its namespaces (a live cluster)."""
+    listed = _run(["ip", "netns", "list"], check=False).stdout.split("\n")
+    spaces = [line.split()[0] for line in listed if line.startswith(f"{name}-")]
+    for ns in spaces:
+        if _run(["ip", "netns", "pids", ns], check=False).stdout.strip():
+            return False
+    from services.datapath import loader, maps
+
+    for ns in spaces:
+        _run(["ip", "netns", "delete", ns], check=False)
+        loader.remove_pins(maps.pin_root(ns))
+    links = _run(["ip", "-o", "link", "show"], check=False).stdout.split("\n")
+    for line in links:
+        parts = line.split(": ")
+        if len(parts) > 1 and parts[1].split("@")[0].startswith(f"{name}-"):
+            _run(["ip", "link", "del", parts[1].split("@")[0]], check=False)
+    return True
 
 
 def _forget_node(state: ClusterState, node: str, bucket: str = "nodes") -> None:
