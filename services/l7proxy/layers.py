@@ -27,11 +27,15 @@ from mitmproxy.proxy.layers.http._events import (
     RequestTrailers,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
-from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
+from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.utils import expect
 
 DENIED = "cilia.denied"  # flow.metadata key the addon sets on a request it refused
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\n"
+    b"content-length: 33\r\nconnection: close\r\n\r\nRequest header fields too large\r\n"
+)
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,7 @@ class BoundedHttp1Server(Http1Server):
                 self.head_since = time.monotonic()
             if len(self.buf) > self.limits.max_header_bytes and not self._head_fits():
                 self.closed_for = "header-overflow"
-                yield commands.SendData(
-                    self.conn, make_error_response(431, "Request header fields too large")
-                )
+                yield commands.SendData(self.conn, TOO_LARGE)
                 yield commands.CloseConnection(self.conn)
                 self.state = self.done
                 return

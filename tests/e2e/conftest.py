@@ -528,6 +528,19 @@ class L7Proxy:
             env,
         )
 
+    @property
+    def pid(self) -> int:
+        proc = self.proc._proc
+        assert proc is not None, "the l7proxy is not running"
+        return proc.pid
+
+    def rss_kib(self) -> int:
+        """The proxy process's resident memory (VmRSS), in KiB."""
+        for line in _Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
     def registered(self) -> bool:
         return str(self.port) in self.node.status().get("proxies", {})
 
@@ -564,9 +577,15 @@ class L7Proxy:
 
 
 @pytest.fixture
-def l7proxy(node: Node, tmp_path: _Path) -> Iterator[L7Proxy]:
+def l7proxy_settings() -> dict[str, str]:
+    """Extra `CILIA_*` settings for the `l7proxy` fixture (a module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def l7proxy(node: Node, tmp_path: _Path, l7proxy_settings: dict[str, str]) -> Iterator[L7Proxy]:
     """The node's HTTP proxy, registered with its agent; stopped (its registration gone) at teardown."""
-    proxy = L7Proxy(node, tmp_path)
+    proxy = L7Proxy(node, tmp_path, **l7proxy_settings)
     try:
         proxy.start()
         yield proxy
