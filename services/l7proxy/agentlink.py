@@ -153,7 +153,7 @@ class RevisionReader:
         self._next_try = now + self.RETRY
         try:
             self._inode = os.stat(self.path).st_ino
-            self._map = maps.BPFMap(self.path, ctypes.c_uint32, ctypes.c_uint32)  # type: ignore[type-var]
+            self._map = maps.BPFMap(self.path, ctypes.c_uint32, ctypes.c_uint32)
         except OSError:
             self._map = None
             return False

@@ -31,7 +31,7 @@ class MarkingEventLoop(asyncio.SelectorEventLoop):
 
     connect_timeout: float = CONNECT_TIMEOUT
 
-    async def create_connection(  # type: ignore[override]
+    async def create_connection(
         self,
         protocol_factory: Any,
         host: str | None = None,
@@ -42,12 +42,18 @@ class MarkingEventLoop(asyncio.SelectorEventLoop):
         **kwargs: Any,
     ) -> Any:
         mark = UPSTREAM_MARK.get()
-        if mark is None or sock is not None or host is None or port is None:
+        if sock is not None:
+            return await super().create_connection(protocol_factory, sock=sock, **kwargs)
+        if mark is None or host is None or port is None:
             return await super().create_connection(
-                protocol_factory, host, port, sock=sock, local_addr=local_addr, **kwargs
+                protocol_factory,
+                host,  # type: ignore[arg-type]
+                port,  # type: ignore[arg-type]
+                local_addr=local_addr,
+                **kwargs,
             )
-        sock = await self.marked_connect(host, port, mark, local_addr)
-        return await super().create_connection(protocol_factory, sock=sock, **kwargs)
+        marked = await self.marked_connect(host, port, mark, local_addr)
+        return await super().create_connection(protocol_factory, sock=marked, **kwargs)
 
     async def marked_connect(
         self, host: str, port: int, mark: int, local_addr: tuple[str, int] | None = None
