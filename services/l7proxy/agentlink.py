@@ -239,6 +239,7 @@ class FlowSink:
     off the request's path."""
 
     BATCH = 256
+    LINGER = 0.05  # wait this long for a batch to fill: one round trip per batch, not per flow
 
     def __init__(self, link: AgentLink, maxsize: int, on_drop: Callable[[int], None]) -> None:
         self.link = link
@@ -254,6 +255,8 @@ class FlowSink:
     async def run(self) -> None:
         while True:
             makers = [await self.queue.get()]
+            if self.queue.qsize() < self.BATCH - 1:
+                await asyncio.sleep(self.LINGER)
             while len(makers) < self.BATCH and not self.queue.empty():
                 makers.append(self.queue.get_nowait())
             batch = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import cProfile
 import logging
 import threading
 import time
@@ -49,6 +50,7 @@ class DataPlaneConfig:
     rule_cache: bool = True
     flow_queue: int = 10000
     socket_path: Path | None = None
+    profile: Path | None = None  # write cProfile stats of the data-plane thread here at stop
 
     @property
     def netns_path(self) -> str | None:
@@ -148,11 +150,17 @@ class DataPlane:
         loop.connect_timeout = self.config.connect_timeout
         self.loop = loop
         asyncio.set_event_loop(loop)
+        profiler = cProfile.Profile() if self.config.profile is not None else None
+        if profiler is not None:
+            profiler.enable()  # this thread only: where the proxy's time goes (bench/l7proxy.py --profile)
         try:
             loop.run_until_complete(self._main())
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            if profiler is not None and self.config.profile is not None:
+                profiler.disable()
+                profiler.dump_stats(str(self.config.profile))
 
     async def _main(self) -> None:
         cfg = self.config

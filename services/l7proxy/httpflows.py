@@ -1,5 +1,6 @@
-"""L7 HTTP flows as Hubble prints them (its seven parser over Envoy's access log), built with the
-shared `cilia.flows` models. Pure: everything comes in as arguments.
+"""L7 HTTP flows as Hubble prints them (its seven parser over Envoy's access log): the JSON of the
+shared `cilia.flows.Flow` model (tests/unit/test_l7proxy_flows.py checks they are identical),
+built directly. Pure: everything comes in as arguments.
 
 A request is one flow from the client to the server (`http-request`, FORWARDED or DROPPED); its
 response one flow from the server back to the client (`http-response`, a reply), with the latency
@@ -12,25 +13,10 @@ from __future__ import annotations
 import uuid as _uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from cilia.flows import (
-    HTTP,
-    MESSAGE_TYPE_ACCESS_LOG,
-    CiliumEventType,
-    Endpoint,
-    Flow,
-    FlowPolicy,
-    HTTPHeader,
-    IPHeader,
-    Layer4,
-    Layer7,
-    TCPHeader,
-    Verdict,
-    flow_to_dict,
-    l7_summary,
-    rfc3339_nano,
-)
+from cilia.flows import MESSAGE_TYPE_ACCESS_LOG, rfc3339_nano
 
 
 @dataclass(frozen=True)
@@ -53,6 +39,7 @@ class Exchange:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+@lru_cache(maxsize=4096)
 def canonical_header(name: str) -> str:
     """Go's textproto.CanonicalMIMEHeaderKey: `x-request-id` -> `X-Request-Id`."""
     if not name or name.startswith(":") or any(c in name for c in " \t"):
@@ -71,24 +58,97 @@ def url_of(authority: str, path: str, dst_ip: str, dst_port: int) -> str:
     return f"http://{host}{path}"
 
 
-def flow_headers(fields: Iterable[tuple[str, str]]) -> list[HTTPHeader]:
+def flow_headers(fields: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
     """Header fields as Hubble lists them: canonical names, sorted by name, values in order."""
     pairs = [(canonical_header(k), v) for k, v in fields]
-    return [HTTPHeader(key=k, value=v) for k, v in sorted(pairs, key=lambda kv: kv[0])]
+    return [{"key": k, "value": v} if v else {"key": k} for k, v in sorted(pairs, key=lambda kv: kv[0])]
 
 
-def _endpoint(doc: Mapping[str, Any]) -> Endpoint:
-    return Endpoint.model_validate(doc)
+def compact(value: Any) -> Any:
+    """What protojson leaves out: zero numbers, empty strings and lists (as `cilia.flows` does)."""
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            v = compact(v)
+            if v is None or v is False or v == "" or v == [] or v == {} or (type(v) is int and v == 0):
+                continue
+            out[k] = v
+        return out
+    if isinstance(value, list):
+        return [compact(v) for v in value]
+    return value
 
 
-def _policy(reason: str) -> FlowPolicy:
-    """cilia's `policy` field: `default/rule1 ingress[0] http[0]` -> name, namespace, rule."""
+@lru_cache(maxsize=1024)
+def _policy_cached(reason: str) -> tuple[tuple[str, str], ...]:
+    return tuple(_policy_doc(reason).items())
+
+
+def _policy(reason: str) -> dict[str, str]:
+    return dict(_policy_cached(reason))
+
+
+def _policy_doc(reason: str) -> dict[str, str]:
+    """cilia's `policy` field: `default/rule1 ingress[0] http[0]` -> name, namespace, rule, reason."""
     first = reason.split("; ")[0]
     ref, _, rule = first.partition(" ")
     if "/" in ref and rule and not ref.startswith(("http:", "denied")):
         ns, _, name = ref.rpartition("/")
-        return FlowPolicy(name=name, namespace=ns, rule=rule, reason=reason)
-    return FlowPolicy(reason=reason)
+        return compact({"name": name, "namespace": ns, "rule": rule, "reason": reason})  # type: ignore[no-any-return]
+    return {"reason": reason} if reason else {}
+
+
+def _http(exchange: Exchange, code: int, headers: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    http: dict[str, Any] = {"code": code} if code else {}
+    for k, v in (("method", exchange.method), ("url", exchange.url), ("protocol", exchange.protocol)):
+        if v:
+            http[k] = v
+    listed = flow_headers(headers)
+    if listed:
+        http["headers"] = listed
+    return http
+
+
+def _flow(
+    *,
+    time_ns: int,
+    flow_id: str | None,
+    verdict: str,
+    src: tuple[str, int],
+    dst: tuple[str, int],
+    source: Mapping[str, Any],
+    destination: Mapping[str, Any],
+    node: str,
+    source_names: Iterable[str],
+    destination_names: Iterable[str],
+    l7: dict[str, Any],
+    is_reply: bool,
+    direction: str,
+    reason: str,
+    summary: str,
+) -> dict[str, Any]:
+    """A flow as `cilia.flows.flow_to_dict` would give it, built directly (it is built for every
+    request and response: the pydantic round trip costs more than the proxy's own work)."""
+    flow: dict[str, Any] = {
+        "time": rfc3339_nano(time_ns),
+        "uuid": flow_id or str(_uuid.uuid4()),
+        "verdict": verdict,
+        "IP": {"source": src[0], "destination": dst[0], "ipVersion": "IPv4"},
+        "l4": {"TCP": {"source_port": src[1], "destination_port": dst[1]}},
+        "source": dict(source),  # compact already (PortPolicy keeps them so)
+        "destination": dict(destination),
+        "Type": "L7",
+        "node_name": node,
+        "source_names": list(source_names),
+        "destination_names": list(destination_names),
+        "l7": l7,
+        "is_reply": is_reply,
+        "event_type": {"type": MESSAGE_TYPE_ACCESS_LOG},
+        "traffic_direction": "INGRESS" if direction == "INGRESS" else "EGRESS",
+        "policy": _policy(reason),
+        "Summary": summary,
+    }
+    return {k: v for k, v in flow.items() if k == "is_reply" or v not in ("", [], {}, None)}
 
 
 def request_flow(
@@ -107,36 +167,24 @@ def request_flow(
     flow_id: str | None = None,
 ) -> dict[str, Any]:
     """The `http-request` flow: FORWARDED when the request went on, DROPPED when it got a 403."""
-    verdict: Verdict = "FORWARDED" if allowed else "DROPPED"
-    l7 = Layer7(
-        type="REQUEST",
-        http=HTTP(
-            method=exchange.method,
-            url=exchange.url,
-            protocol=exchange.protocol,
-            headers=flow_headers(exchange.headers),
-        ),
-    )
-    flow = Flow(
-        time=rfc3339_nano(time_ns),
-        uuid=flow_id or str(_uuid.uuid4()),
-        verdict=verdict,
-        IP=IPHeader(source=conn.src_ip, destination=conn.dst_ip, ipVersion="IPv4"),
-        l4=Layer4(TCP=TCPHeader(source_port=conn.src_port, destination_port=conn.dst_port)),
-        source=_endpoint(source),
-        destination=_endpoint(destination),
-        Type="L7",
-        node_name=node,
-        source_names=list(source_names),
-        destination_names=list(destination_names),
-        l7=l7,
+    http = _http(exchange, 0, exchange.headers)
+    return _flow(
+        time_ns=time_ns,
+        flow_id=flow_id,
+        verdict="FORWARDED" if allowed else "DROPPED",
+        src=(conn.src_ip, conn.src_port),
+        dst=(conn.dst_ip, conn.dst_port),
+        source=source,
+        destination=destination,
+        node=node,
+        source_names=source_names,
+        destination_names=destination_names,
+        l7={"type": "REQUEST", "http": http},
         is_reply=False,
-        event_type=CiliumEventType(type=MESSAGE_TYPE_ACCESS_LOG),
-        traffic_direction="INGRESS" if direction == "INGRESS" else "EGRESS",
-        policy=_policy(reason),
+        direction=direction,
+        reason=reason,
+        summary=f"{exchange.protocol} {exchange.method} {exchange.url}",
     )
-    flow.Summary = l7_summary(l7)
-    return flow_to_dict(flow)
 
 
 def response_flow(
@@ -158,34 +206,24 @@ def response_flow(
 ) -> dict[str, Any]:
     """The `http-response` flow, from the server back to the client (a reply); always FORWARDED,
     a 403 the proxy made included, as Hubble shows Envoy's."""
-    l7 = Layer7(
-        type="RESPONSE",
-        latency_ns=max(0, latency_ns),
-        http=HTTP(
-            code=code,
-            method=exchange.method,
-            url=exchange.url,
-            protocol=exchange.protocol,
-            headers=flow_headers(response_headers),
-        ),
-    )
-    flow = Flow(
-        time=rfc3339_nano(time_ns),
-        uuid=flow_id or str(_uuid.uuid4()),
+    latency = max(0, latency_ns)
+    http = _http(exchange, code, response_headers)
+    return _flow(
+        time_ns=time_ns,
+        flow_id=flow_id,
         verdict="FORWARDED",
-        IP=IPHeader(source=conn.dst_ip, destination=conn.src_ip, ipVersion="IPv4"),
-        l4=Layer4(TCP=TCPHeader(source_port=conn.dst_port, destination_port=conn.src_port)),
-        source=_endpoint(destination),
-        destination=_endpoint(source),
-        Type="L7",
-        node_name=node,
-        source_names=list(destination_names),
-        destination_names=list(source_names),
-        l7=l7,
+        src=(conn.dst_ip, conn.dst_port),
+        dst=(conn.src_ip, conn.src_port),
+        source=destination,
+        destination=source,
+        node=node,
+        source_names=destination_names,
+        destination_names=source_names,
+        l7={"type": "RESPONSE", "latency_ns": latency, "http": http}
+        if latency
+        else {"type": "RESPONSE", "http": http},
         is_reply=True,
-        event_type=CiliumEventType(type=MESSAGE_TYPE_ACCESS_LOG),
-        traffic_direction="INGRESS" if direction == "INGRESS" else "EGRESS",
-        policy=_policy(reason) if reason else None,
+        direction=direction,
+        reason=reason,
+        summary=f"{exchange.protocol} {code} {latency // 1_000_000}ms ({exchange.method} {exchange.url})",
     )
-    flow.Summary = l7_summary(l7)
-    return flow_to_dict(flow)

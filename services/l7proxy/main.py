@@ -8,6 +8,7 @@ over the node-local socket, so it starts before, and keeps serving without, NATS
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from pydantic import Field
 
@@ -35,6 +36,9 @@ class L7ProxySettings(Settings):
     stream_bodies_over: str = "64k"
     rule_cache: bool = True
     flow_queue: int = Field(default=10000, gt=0)
+    profile: Path | None = Field(
+        default=None, description="cProfile stats of the data plane, written at exit"
+    )
 
     def dataplane(self) -> DataPlaneConfig:
         return DataPlaneConfig(
@@ -48,6 +52,7 @@ class L7ProxySettings(Settings):
             stream_bodies_over=self.stream_bodies_over,
             rule_cache=self.rule_cache,
             flow_queue=self.flow_queue,
+            profile=self.profile,
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from cilia.errors import CiliaError
 from cilia.policy.l7 import PARSER_HTTP, HeaderMatch, HTTPRequest, HTTPRule, http_rule_matches
+from services.l7proxy.httpflows import compact
 
 
 class PolicyAnswerError(CiliaError):
@@ -105,8 +106,8 @@ def parse_answer(doc: Mapping[str, Any]) -> PortPolicy:
             dst_identity=int(doc["dst_identity"]),
             ingress_applied=bool(doc.get("ingress_applied")),
             checks=tuple(checks),
-            source=dict(doc.get("source") or {}),
-            destination=dict(doc.get("destination") or {}),
+            source=compact(dict(doc.get("source") or {})),
+            destination=compact(dict(doc.get("destination") or {})),
             source_names=tuple(doc.get("source_names") or ()),
             destination_names=tuple(doc.get("destination_names") or ()),
         )

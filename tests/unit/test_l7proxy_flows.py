@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cilia.flows import Flow, format_line, parse_rfc3339
+from cilia.flows import Flow, flow_to_dict, format_line, parse_rfc3339, summary
 from services.l7proxy.httpflows import (
     Connection,
     Exchange,
@@ -110,3 +110,21 @@ def test_names_urls_and_protocols_as_envoy_and_go_write_them() -> None:
     assert url_of("", "/a?b=1", "10.0.1.10", 80) == "http://10.0.1.10/a?b=1"
     assert url_of("", "/", "10.0.1.10", 8080) == "http://10.0.1.10:8080/"
     assert url_of("example.com:8080", "/", "10.0.1.10", 8080) == "http://example.com:8080/"
+
+
+def test_the_flows_are_exactly_the_json_of_the_shared_flow_model() -> None:
+    """Built directly for speed, the dicts must be what `flow_to_dict(Flow(...))` gives: the model
+    reads them back and writes the very same JSON, nothing added, nothing missing."""
+    conn = Connection("10.0.1.20", 42746, "10.0.1.10", 80)
+    exchange = Exchange("GET", "http://x/a?b=1", "HTTP/1.1", (("host", "x"), ("x-empty", ""), ("X-Id", "1")))
+    outside = {"identity": 2, "labels": ["reserved:world"]}
+    for source, destination, names in ((TIE, STAR, []), (TIE, outside, ["api.example.com"]), ({}, {}, [])):
+        for d in (
+            request_flow(node="n", conn=conn, exchange=exchange, source=source, destination=destination,
+                         destination_names=names, direction="EGRESS", allowed=False, reason="", time_ns=1_700_000_000_123_456_789),
+            response_flow(node="n", conn=conn, exchange=exchange, code=503, response_headers=[("server", "nginx")],
+                          source=source, destination=destination, destination_names=names, direction="INGRESS",
+                          latency_ns=0, time_ns=1_700_000_000_000_000_000, reason="default/r ingress[0] http[1]"),
+        ):  # fmt: skip
+            assert flow_to_dict(Flow.model_validate(d)) == d
+            assert Flow.model_validate(d).Summary == summary(Flow.model_validate({**d, "Summary": ""}))
