@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import json
 import os
@@ -106,6 +107,18 @@ def parse_wrk(out: str) -> dict[str, float]:
     return {"rps": float(rps.group(1)), "p50_ms": ms(lat["50"]), "p99_ms": ms(lat["99"])}
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,6 +174,7 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120;
             ["taskset", "-c", "1", *self.pod(self.server, ["nginx", "-c", str(conf)])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: teardown ends the workers with the master
         )
         for _ in range(150):
             if ":80 " in sh(self.pod(self.server, ["ss", "-ltnH"])).stdout:
@@ -233,6 +247,15 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120;
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         return out.decode()
 
+    def processes(self) -> dict[str, int]:
+        """The processes on CPU 1 whose work a request costs: nginx's worker, the proxy, the agent."""
+        out = {"agent": os.getpid()}
+        if self.nginx is not None:
+            out["nginx"] = (children(self.nginx.pid) or [self.nginx.pid])[0]
+        if self.proxy is not None and self.proxy.poll() is None:
+            out["proxy"] = self.proxy.pid  # taskset execs python: the same process
+        return out
+
     async def wrk(self, conns: int) -> dict[str, float]:
         argv = [
             "wrk",
@@ -242,12 +265,21 @@ http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 120;
             "--latency",
             f"http://{self.server['ip']}/",
         ]
-        return parse_wrk(await self.run_client(argv, self.seconds + 30))
+        procs = self.processes()
+        before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+        got = parse_wrk(await self.run_client(argv, self.seconds + 30))
+        requests = got["rps"] * int(self.seconds)
+        for k, pid in procs.items():
+            (u0, s0), (u1, s1) = before[k], cpu_seconds(pid)
+            got[f"{k}_user_us"] = (u1 - u0) * 1e6 / requests
+            got[f"{k}_sys_us"] = (s1 - s0) * 1e6 / requests
+        return got
 
     async def teardown(self) -> None:
         await self.stop_proxy() if self.agent is not None else None
         if self.nginx is not None:
-            self.nginx.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.nginx.pid, signal.SIGKILL)
             self.nginx.wait()
         if self.api is not None:
             self.api.close()
@@ -271,31 +303,40 @@ GROUPS = (
     ),
     ("mitmproxy flow, headers, request objects", ("mitmproxy/",)),
     ("HTTP/1 parsing (h11)", ("h11/",)),
-    ("asyncio event loop and socket calls", ("asyncio/", "selectors", "socket", "~")),
+    ("asyncio event loop (Python)", ("asyncio/", "selectors.py")),
 )
+KERNEL = "socket calls (the kernel's network path: veth, eBPF, nft, TCP; waiting for the CPU)"
+IDLE = "idle: waiting in epoll"
+
+
+def _group(filename: str, func: str) -> str:
+    if filename == "~":
+        if "select.epoll" in func:
+            return IDLE
+        if "_socket.socket" in func:
+            return KERNEL
+    for label, needles in GROUPS:
+        if any(n in filename for n in needles):
+            return label
+    return "other (stdlib, builtins)"
 
 
 def profile_report(path: Path, top: int = 25) -> dict[str, Any]:
-    """Self time of the data-plane thread, by function and grouped by component."""
+    """Where the data-plane thread's (wall-clock) time went, by function and grouped by component;
+    shares are of the busy time (idle excluded)."""
     stats = pstats.Stats(str(path))
-    total = 0.0
     groups: dict[str, float] = collections.defaultdict(float)
     rows = []
     for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        total += tottime
-        name = "other"
-        for label, needles in GROUPS:
-            if any(n in filename for n in needles):
-                name = label
-                break
-        if filename == "~" or filename.startswith("<"):
-            name = "asyncio event loop and socket calls" if "method" in func or "built-in" in func else name
-        groups[name] += tottime
+        groups[_group(filename, func)] += tottime
         rows.append((tottime, ncalls, cumtime, f"{Path(filename).name}:{line}({func})"))
     rows.sort(reverse=True)
+    idle = groups.pop(IDLE, 0.0)
+    busy = sum(groups.values())
     return {
-        "total_seconds": total,
-        "groups": {k: round(v / total, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "busy_seconds": busy,
+        "idle_seconds": idle,
+        "groups": {k: round(v / busy, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "top": [
             {"function": f, "self_s": round(t, 4), "calls": n, "cumulative_s": round(c, 4)}
             for t, n, c, f in rows[:top]
@@ -317,9 +358,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for conns in LOADS:
                     got = await bench.wrk(conns)
                     samples[cfg][str(conns)].append(got)
+                    cpu = "  ".join(
+                        f"{k} {got[f'{k}_user_us'] + got[f'{k}_sys_us']:5.0f}"
+                        for k in ("nginx", "proxy", "agent")
+                        if f"{k}_user_us" in got
+                    )
                     print(
                         f"run {r + 1} {cfg:<8} {conns:>3} conns {got['rps']:10.0f} req/s "
-                        f"p50 {got['p50_ms']:7.3f} ms  p99 {got['p99_ms']:7.3f} ms",
+                        f"p50 {got['p50_ms']:7.3f} ms  p99 {got['p99_ms']:7.3f} ms  CPU us/req: {cpu}",
                         flush=True,
                     )
         if args.profile:
@@ -364,10 +410,18 @@ def main() -> int:
         return 1
     result = asyncio.run(run(args))
     m = result["medians"]
-    print(f"\n{'config':<50} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'config':<56} {'conns':>5} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}  CPU us/request")
     for c in m:
         for n, v in m[c].items():
-            print(f"({c}) {NAMES[c]:<44} {n:>5} {v['rps']:10.0f} {v['p50_ms']:8.3f} {v['p99_ms']:8.3f}")
+            cpu = "  ".join(
+                f"{k} {v[f'{k}_user_us']:.0f}+{v[f'{k}_sys_us']:.0f}"
+                for k in ("nginx", "proxy", "agent")
+                if f"{k}_user_us" in v
+            )
+            print(
+                f"({c}) {NAMES[c]:<50} {n:>5} {v['rps']:10.0f} {v['p50_ms']:8.3f} {v['p99_ms']:8.3f}  {cpu}"
+            )
+    print("(CPU: user+system microseconds per request, of the processes that share CPU 1)")
     ratios: dict[str, float] = {}
     targets: dict[str, bool] = {}
     if "direct" in m:
@@ -390,7 +444,8 @@ def main() -> int:
     if result["profile"]:
         prof = result["profile"]
         print(
-            f"\nwhere the proxy's data-plane thread spends its time ({prof['total_seconds']:.1f} s of self time):"
+            f"\nwhere the proxy's data-plane thread spends its busy time ({prof['busy_seconds']:.1f} s busy, "
+            f"{prof['idle_seconds']:.1f} s idle):"
         )
         for k, share in prof["groups"].items():
             print(f"  {share * 100:5.1f}%  {k}")

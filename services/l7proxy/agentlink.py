@@ -98,6 +98,7 @@ async def keep_registered(
     """Register as the node's HTTP proxy on `port` and stay registered: the registration lasts as
     long as this connection, so when the agent goes away, register again as soon as it is back."""
     backoff = 0.05
+    last_error = ""
     while True:
         writer: asyncio.StreamWriter | None = None
         try:
@@ -110,12 +111,15 @@ async def keep_registered(
                 raise RegistrationError(answer.get("error") or "no answer")
             log.info("event=proxy-registered port=%d socket=%s", port, path)
             on_change(True)
-            backoff = 0.05
+            backoff, last_error = 0.05, ""
             while await reader.read(4096):
                 pass  # the agent sends nothing more: EOF means it went away
             log.warning("event=agent-gone socket=%s (registering again when it is back)", path)
         except (OSError, ValueError, RegistrationError) as err:
-            log.debug("event=register-failed socket=%s error=%r retry_in=%.2fs", path, str(err), backoff)
+            # Say it once per kind of failure (an agent that is restarting refuses for a while).
+            level = logging.WARNING if str(err) != last_error else logging.DEBUG
+            log.log(level, "event=register-failed socket=%s error=%r retry_in=%.2fs", path, str(err), backoff)
+            last_error = str(err)
         finally:
             on_change(False)
             if writer is not None:
