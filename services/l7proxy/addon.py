@@ -205,7 +205,7 @@ class CiliaAddon:
             tuple(
                 [
                     *req.headers.items(multi=True),
-                    *([] if decision.allowed else [("x-request-id", request_id)]),
+                    *([] if "x-request-id" in req.headers else [("x-request-id", request_id)]),
                 ]
             ),
         )
