@@ -4,7 +4,8 @@ offline matrices.
 Builds a cluster with `cilia.cluster` (what `cilia cluster up --nodes 2` does: NATS, the identity and
 policy services, two node namespaces joined by a VXLAN overlay, each with its datapath agent), runs
 the pods as namespaces behind the eBPF datapath, spread over both nodes, and tells two stories:
-Star Wars (both ships land; rule1; the xwing times out) and BookInfo (productpage locked down, then
+Star Wars (both ships land; rule1; the xwing times out; then rule1 with an HTTP rule through each
+node's L7 proxy: the landing request lands, the exhaust port is `Access denied`) and BookInfo (productpage locked down, then
 allowed to reviews and details on the other node), with the flows that say why, one of them
 crossing the overlay. Everything it made is removed on exit or Ctrl-C. Needs root.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 SCENARIOS = ("starwars.yaml", "bookinfo.yaml", "mediabot-dns.yaml")
 CLUSTER = "demo"
+SERVICE_HOST = "deathstar.default.svc.cluster.local"  # the name the guide's ships use
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
 
@@ -155,6 +158,62 @@ class Demo:
         for _, line in sorted(lines):
             print(line)
 
+    # --- the L7 step: each node's HTTP proxy ----------------------------------------------------
+
+    def start_l7proxies(self) -> None:
+        """Each node's L7 proxy, in the node's namespace beside its agent, registered with it."""
+        assert self.state is not None
+        for name, n in self.state.nodes.items():
+            argv = ["nsenter", f"--net=/run/netns/{n.netns}", "--", sys.executable, "-m", "services.l7proxy"]
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(REPO),
+                "CILIA_NATS_URL": self.state.nats_url,
+                "CILIA_TOKEN_FILE": str(self.state.creds_file),
+                "CILIA_NODE": name,
+                "CILIA_HTTP_ADDR": f"{n.ip}:9105",
+                "CILIA_LOG_LEVEL": "warning",
+            }
+            log = (self.dir / f"{name}-l7proxy.log").open("wb")
+            self.procs.append(
+                subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            )
+        deadline = time.monotonic() + 30
+        for name in self.nodes:
+            while not self.node_client(name).request("datapath", "GET", "/v1/datapath/status").get("proxies"):
+                if time.monotonic() > deadline:
+                    raise CiliaError(f"the L7 proxy of node {name} did not register with its agent")
+                time.sleep(0.1)
+            print(f"  l7proxy on {name}: registered with its datapath agent, HTTP redirects go to it")
+
+    def http(self, ship: str, method: str, path: str, target: str = "deathstar-1") -> None:
+        ip = self.endpoints[target]["ip"]
+        cmd = ["curl", "-s", "-m", "2", "-X", method, "-H", f"Host: {SERVICE_HOST}", f"http://{ip}{path}"]
+        print(f"{DIM}$ cilia endpoint exec default/{ship} -- {shlex.join(cmd)}{RESET}")
+        out = subprocess.run(self.in_pod(ship, *cmd), capture_output=True, text=True)
+        print(
+            out.stdout.strip()
+            if out.returncode == 0
+            else f"(no answer: curl exit code {out.returncode}, timed out)"
+        )
+
+    def http_flows(self, since: float) -> None:
+        from cilia.flows import Flow, format_line
+
+        time.sleep(0.5)  # the proxies send their flows to the agents in batches
+        print(f"{DIM}$ cilia observe --pod deathstar --protocol http --since ... --print-node-name{RESET}")
+        lines = []
+        for node in self.nodes:
+            items = self.node_client(node).request("datapath", "GET", "/v1/flows", params={"last": 500})[
+                "items"
+            ]
+            for raw in items:
+                flow = Flow.model_validate(raw)
+                if flow.l7 is not None and flow.l7.http is not None and flow.time and _ts(flow.time) >= since:
+                    lines.append((flow.time, format_line(flow, node_name=True)))
+        for _, line in sorted(lines):
+            print(line)
+
     def apply(self, path: Path) -> None:
         assert self.client is not None
         print(f"{DIM}$ cilia apply -f {path.relative_to(REPO)}{RESET}")
@@ -229,6 +288,15 @@ def starwars(d: Demo) -> None:
     d.land("tiefighter", "deathstar-2")
     say("the flows: who was let in, who was dropped, and the rule that decided")
     d.flows(since)
+    say("L7: rule1 with an HTTP rule, tiefighter may only POST /v1/request-landing (each node's L7 proxy)")
+    d.start_l7proxies()
+    since = time.time()
+    d.apply(EXAMPLES / "policies" / "starwars-l7.yaml")
+    d.http("tiefighter", "POST", "/v1/request-landing")
+    d.http("tiefighter", "PUT", "/v1/exhaust-port")
+    d.http("xwing", "POST", "/v1/request-landing")
+    say("the HTTP flows: each request and its response, DROPPED for the 403")
+    d.http_flows(since)
 
 
 def bookinfo(d: Demo) -> None:

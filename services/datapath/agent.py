@@ -27,7 +27,7 @@ from cilia.models.loader import parse_document
 from cilia.policy.context import PolicyOptions
 from cilia.policy.engine import PolicyEngine, SubjectKey
 from cilia.policy.inventory import Inventory, Workload, workload_identity_labels
-from cilia.policy.l7 import PARSER_DNS, PARSER_HTTP, L7Request
+from cilia.policy.l7 import PARSER_DNS, PARSER_HTTP, DNSRule, L7Request, L7Rule
 from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
 from cilia.policy.repository import PolicyKey, Repository
 from cilia.policy.rules import EGRESS, INGRESS
@@ -783,9 +783,126 @@ class Agent:
                     return entry.reason
         return None
 
+    # --- the HTTP proxy's view of policy (node-local API `l7_policy`) --------------------------
+
+    def l7_policy(self, src_ip: str, dst_ip: str, port: int, proto: int = 6) -> dict[str, Any]:
+        """The L7 rules a proxy applies to connections from `src_ip` to `dst_ip`:`port`, per direction
+        that redirects them (the source's egress, the local destination's ingress), with the endpoints
+        its flows name. `revision` is the datapath's policy revision read *before* the rules were
+        computed: the answer stays true while the revision is unchanged, so a proxy may cache it.
+        """
+        if not self.policies_synced or self.engine is None:
+            return {"ok": False, "error": "the agent has no policy snapshot yet"}
+        revision = self.maps.policy_revision() if self.maps is not None else 0
+        src_identity, dst_identity = self.identity_of_ip(src_ip), self.identity_of_ip(dst_ip)
+        checks: list[dict[str, Any]] = []
+        for rec, direction, remote in (
+            (self.endpoint_by_ip(src_ip), EGRESS, dst_identity),
+            (self.endpoint_by_ip(dst_ip), INGRESS, src_identity),
+        ):
+            if rec is None:
+                continue
+            policy = self.policy_of(rec)
+            if policy is None:
+                continue
+            entry = policy.lookup(direction, remote, proto, port)
+            if entry is None or entry.deny:
+                # The datapath drops this traffic now (a policy change): so does the proxy.
+                reason = entry.reason if entry is not None else "no map-state entry"
+                checks.append({"direction": direction, "endpoint": rec.key, "deny": True, "reason": reason})
+                continue
+            if entry.parser is None:
+                continue
+            filters = [f for f in policy.l7_filters(direction) if f.covers(direction, remote, proto, port)]
+            checks.append(
+                {
+                    "direction": direction,
+                    "endpoint": rec.key,
+                    "parser": entry.parser,
+                    "enforced": policy.enforced(direction),
+                    "reason": entry.reason,
+                    "filters": [
+                        {"reason": f.reason, "exact": f.exact, "rules": [l7_rule_doc(r) for r in f.rules]}
+                        for f in filters
+                    ],
+                }
+            )
+        return {
+            "ok": True,
+            "revision": revision,
+            "src_identity": src_identity,
+            "dst_identity": dst_identity,
+            "ingress_applied": any(c["direction"] == INGRESS and not c.get("deny") for c in checks),
+            "checks": checks,
+            "source": self.flow_endpoint(src_ip, src_identity),
+            "destination": self.flow_endpoint(dst_ip, dst_identity),
+            "source_names": self.names_of_ip(src_ip),
+            "destination_names": self.names_of_ip(dst_ip),
+        }
+
+    def flow_endpoint(self, ip: str, identity: int) -> dict[str, Any]:
+        """`ip` as a Hubble flow endpoint: a pod (local ones with their endpoint ID) or an identity."""
+        rec = self.endpoint_by_ip(ip)
+        if rec is not None:
+            return {
+                "ID": rec.ep_id,
+                "identity": rec.identity,
+                "namespace": rec.namespace,
+                "pod_name": rec.name,
+                "labels": sorted(rec.identity_labels),
+            }
+        for w in self.cluster.values():
+            if w.ip is not None and str(w.ip) == ip and w.identity is not None:
+                return {
+                    "identity": w.identity,
+                    "namespace": w.namespace,
+                    "pod_name": w.name,
+                    "labels": sorted(self.identity_labels(w.identity)),
+                }
+        from cilia.identity import RESERVED_NAMES
+
+        labels = self.identity_labels(identity)
+        if not labels and identity in RESERVED_NAMES:
+            labels = [f"reserved:{RESERVED_NAMES[identity]}"]
+        return {"identity": identity, "labels": sorted(labels)}
+
+    def names_of_ip(self, ip: str) -> list[str]:
+        """DNS names the FQDN cache holds for `ip` (Hubble's source/destination names)."""
+        if self.engine is None or self.endpoint_by_ip(ip) is not None:
+            return []
+        info = self.engine.ipcache.identities.get(self.engine.ipcache.lookup(ip_address(ip)))
+        if info is None or info.net is None or info.net.prefixlen != info.net.max_prefixlen:
+            return []
+        return sorted(n.rstrip(".") for n in info.names)
+
 
 def filter_labels(labels: Mapping[str, str]) -> list[str]:
     """The security-relevant `k8s:` labels of a label map, as Cilium strings."""
     from cilia.labels import SOURCE_K8S, Label
 
     return identity_labels(Label(SOURCE_K8S, k, v) for k, v in labels.items()).sorted_strings()
+
+
+def l7_rule_doc(rule: L7Rule) -> dict[str, Any]:
+    """An L7 rule as the node-local API sends it, in CiliumNetworkPolicy's field names."""
+    if isinstance(rule, DNSRule):
+        return (
+            {"matchName": rule.match_name}
+            if rule.match_name is not None
+            else {"matchPattern": rule.match_pattern}
+        )
+    doc: dict[str, Any] = {
+        k: v for k, v in (("method", rule.method), ("path", rule.path), ("host", rule.host)) if v
+    }
+    if rule.headers:
+        doc["headers"] = list(rule.headers)
+    if rule.header_matches:
+        doc["headerMatches"] = [
+            {
+                k: v
+                for k, v in (("name", m.name), ("value", m.value), ("mismatch", m.mismatch))
+                if v is not None
+            }
+            for m in rule.header_matches
+        ]
+    return doc

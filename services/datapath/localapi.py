@@ -13,6 +13,11 @@ Requests (the answer to each is a JSON object with "ok"; an error has "error"):
   {"op": "flow", "flow": {... Hubble JSON ...}}                        -> {"ok": true}   (a proxy's flow: kept and published)
   {"op": "identity", "ip": "10.0.1.20"}                                -> {"ok": true, "identity": 25698, "labels": [...]}
   {"op": "ping"}                                                       -> {"ok": true, "node": "..."}
+  {"op": "l7_policy", "src": "10.0.1.20", "dst": "10.0.1.10", "port": 80, "proto": 6}
+                                   -> {"ok": true, "revision": N, "checks": [...], "source": {...}, ...}
+      (the L7 rules of every direction that redirects this traffic, for the HTTP proxy to apply and
+       cache while the datapath's policy revision stays N; see Agent.l7_policy)
+  {"op": "flows", "flows": [{...}, ...]}                               -> {"ok": true, "count": 2}  (flow, batched)
 The answer to `allow_fqdn` is sent only after the maps are written.
 """
 
@@ -94,6 +99,19 @@ async def handle(
         if on_flow is not None and isinstance(request.get("flow"), dict):
             await on_flow(request["flow"])
         return {"ok": True}
+    if op == "l7_policy":
+        return agent.l7_policy(
+            str(request["src"]), str(request["dst"]), int(request["port"]), int(request.get("proto", 6))
+        )
+    if op == "flows":
+        batch = request.get("flows") or []
+        if not isinstance(batch, list):
+            return {"ok": False, "error": "flows must be a list of flow objects"}
+        flows = [f for f in batch if isinstance(f, dict)]
+        if on_flow is not None:
+            for f in flows:
+                await on_flow(f)
+        return {"ok": True, "count": len(flows)}
     if op == "identity":
         ip = str(request.get("ip"))
         ident = agent.identity_of_ip(ip)

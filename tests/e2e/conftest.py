@@ -496,3 +496,98 @@ def internet(node: Node) -> Iterator[Internet]:
         yield inet
     finally:
         inet.close()
+
+
+# --- the node's L7 (HTTP) proxy -----------------------------------------------------------------
+
+
+class L7Proxy:
+    """The node's l7proxy process: its data plane in the node's namespace, its API on 127.0.0.1."""
+
+    def __init__(self, node: Node, log_dir: _Path, port: int = 15001, **settings: str) -> None:
+        self.node = node
+        self.port = port
+        api = free_port()
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "CILIA_NATS_URL": node.cp.nats.url,
+            "CILIA_TOKEN_FILE": str(node.cp.creds_file),
+            "CILIA_HTTP_ADDR": f"127.0.0.1:{api}",
+            "CILIA_NODE": node.name,
+            "CILIA_NODE_NETNS": node.netns,
+            "CILIA_PROXY_PORT": str(port),
+            **{f"CILIA_{k.upper()}": v for k, v in settings.items()},
+        }
+        self.proc = ServerProcess(
+            "cilia-l7proxy",
+            [str(VENV_BIN / "python"), "-m", "services.l7proxy"],
+            f"http://127.0.0.1:{api}",
+            http_ready(api, "/healthz"),
+            log_dir / "l7proxy.log",
+            env,
+        )
+
+    @property
+    def pid(self) -> int:
+        proc = self.proc._proc
+        assert proc is not None, "the l7proxy is not running"
+        return proc.pid
+
+    def rss_kib(self) -> int:
+        """The proxy process's resident memory (VmRSS), in KiB."""
+        for line in _Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def registered(self) -> bool:
+        return str(self.port) in self.node.status().get("proxies", {})
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the proxy and wait until the node's agent has its registration (redirects work)."""
+        self.proc.start(timeout)
+        eventually(self.registered, timeout, what="the l7proxy registering with the datapath agent")
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def status(self) -> dict[str, _Any]:
+        status, body = self.node.request(self.proc.url, "GET", "/v1/l7proxy/status")
+        return dict(body) if status == 200 and isinstance(body, dict) else {}
+
+    def metrics(self) -> str:
+        with _urlrequest.urlopen(f"{self.proc.url}/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample of /metrics (0 when it is not there yet)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        key = f"{name}{{{want}}}" if labels else name
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            sample, _, value = line.rpartition(" ")
+            if sample == key:
+                return float(value)
+        return 0.0
+
+
+@pytest.fixture
+def l7proxy_settings() -> dict[str, str]:
+    """Extra `CILIA_*` settings for the `l7proxy` fixture (a module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def l7proxy(node: Node, tmp_path: _Path, l7proxy_settings: dict[str, str]) -> Iterator[L7Proxy]:
+    """The node's HTTP proxy, registered with its agent; stopped (its registration gone) at teardown."""
+    proxy = L7Proxy(node, tmp_path, **l7proxy_settings)
+    try:
+        proxy.start()
+        yield proxy
+    finally:
+        proxy.stop()

@@ -21,6 +21,15 @@ def test_the_demo_tells_its_stories_on_two_nodes_and_cleans_up() -> None:
     assert no_policy.count("Ship landed") == 2  # both ships land without a policy
     live, _, offline = after.partition("==> offline")
     starwars, _, bookinfo = live.partition("==> BookInfo")
+    starwars, _, l7 = starwars.partition("==> L7")
+    # The L7 step: the landing request lands, the exhaust port is denied by the proxy, the xwing
+    # never reaches it; and the HTTP flows read like the guide's `hubble observe --protocol http`.
+    assert l7.count("Ship landed") == 1 and l7.count("Access denied") == 1
+    assert l7.count("(no answer: curl exit code 28, timed out)") == 1
+    url = "http://deathstar.default.svc.cluster.local"
+    assert f"http-request FORWARDED (HTTP/1.1 POST {url}/v1/request-landing)" in l7
+    assert f"http-request DROPPED (HTTP/1.1 PUT {url}/v1/exhaust-port)" in l7
+    assert f"http-response FORWARDED (HTTP/1.1 403 0ms (PUT {url}/v1/exhaust-port))" in l7
     assert starwars.count("Ship landed") == 2  # tiefighter, on both deathstars
     assert "(no answer: curl exit code 28, timed out)" in starwars  # the xwing
     assert "policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)" in starwars

@@ -82,3 +82,15 @@ def test_the_datapath_runs_privileged_on_the_host_network_with_bpffs_and_netns()
     assert {"/sys/fs/bpf", "/run/netns", "/run/cilia", "/lib/modules", "/usr/src"} <= targets
     assert dp["environment"]["CILIA_NATS_URL"] == "nats://127.0.0.1:4222"
     assert any("/readyz" in part for part in dp["healthcheck"]["test"])
+
+
+def test_the_l7proxy_runs_beside_the_datapath_on_the_host_network_with_the_node_socket() -> None:
+    services = model()["services"]
+    proxy = services["l7proxy"]
+    assert proxy["command"] == ["python", "-m", "services.l7proxy"]
+    assert proxy["network_mode"] == "host" and proxy["privileged"] is True  # SO_MARK needs CAP_NET_ADMIN
+    assert {v["target"] for v in proxy["volumes"]} >= {"/run/cilia", "/sys/fs/bpf", "/etc/cilia"}
+    assert proxy["environment"]["CILIA_NODE"] == services["datapath"]["environment"]["CILIA_NODE"]
+    assert proxy["environment"]["CILIA_HTTP_ADDR"] == "127.0.0.1:9105"
+    assert proxy["depends_on"]["datapath"]["condition"] == "service_healthy"
+    assert any("/healthz" in part for part in proxy["healthcheck"]["test"])

@@ -1,0 +1,3 @@
+from services.l7proxy.main import main
+
+main()
