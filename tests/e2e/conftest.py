@@ -496,3 +496,16 @@ def internet(node: Node) -> Iterator[Internet]:
         yield inet
     finally:
         inet.close()
+
+
+@pytest.fixture
+def dnsproxy(node: Node, tmp_path: _Path) -> Iterator[_Any]:
+    """The node's DNS proxy (tests/e2e/dns_harness.py), registered with the agent; stopped after."""
+    from dns_harness import DNSProxyProcess
+
+    proxy = DNSProxyProcess(node, tmp_path)
+    try:
+        proxy.start()
+        yield proxy
+    finally:
+        proxy.stop()
