@@ -638,8 +638,11 @@ class Agent:
             desired[f"{rec.ip}/32"] = (rec.identity, None)
         for ip in self.node_ips:
             desired[f"{ip}/32"] = (HOST, None)
-        if self.engine is not None:
-            for net, num in self.engine.ipcache.prefixes.items():
+        # Before the first policy snapshot after a restart, the previous run's CIDR and FQDN
+        # identities (restored from disk) stand in for the engine's: nothing they open closes.
+        ipcache = self.engine.ipcache if self.engine is not None else self._restored_ipcache
+        if ipcache is not None:
+            for net, num in ipcache.prefixes.items():
                 if net.version == 4:
                     desired.setdefault(str(net), (num, None))
         have = {prefix: (ident, tunnel) for prefix, ident, tunnel in self.maps.ipcache_items()}

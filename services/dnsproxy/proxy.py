@@ -58,6 +58,7 @@ class ProxyConfig:
     socket_path: Path = Path("/run/cilia/node.sock")
     flow_queue: int = 20000
     persist_interval: float = 0.25
+    link_wait: float = 0.5  # how long a query with no known rules waits for the agent
 
 
 class FlowShipper:
@@ -245,7 +246,14 @@ class DNSProxy:
         if have is not None and key not in self.stale:
             return have
         if not self.link.up.is_set():
-            return have
+            if have is not None:
+                return have
+            # Nothing known yet (a proxy that just started, bound before it registered): the
+            # agent is usually a moment away.
+            try:
+                await asyncio.wait_for(self.link.up.wait(), self.cfg.link_wait)
+            except TimeoutError:
+                return None
         pending = self.fetching.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._fetch(key, have))

@@ -1,0 +1,159 @@
+"""No DNS outage on restart (Cilium's users see 25-30 s: cilium/cilium#16364, #30984): a pod queries
+and connects in a loop while the DNS proxy, then the datapath agent, restart; every query is answered
+within `dig +tries=2 +timeout=1` and every connection to the allowed name opens. And with NATS and
+every cluster service down, a new allowed name still resolves and opens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Internet, Node, eventually
+from dns_harness import PY, DNSProxyProcess, DNSWorld, reach
+
+POLICY = textwrap.dedent(
+    """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: fqdn}
+    spec:
+      endpointSelector: {matchLabels: {class: mediabot}}
+      egress:
+      - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, "k8s:k8s-app": kube-dns}}]
+        toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules: {dns: [{matchPattern: "*"}]}
+      - toFQDNs: [{matchPattern: "*.github.com"}, {matchName: ifconfig.me}]
+        toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+    """
+)
+
+# Runs in the pod: dig and connect in a loop; one JSON line per round.
+LOOP = textwrap.dedent(
+    """
+    import json, socket, subprocess, sys, time
+    server, name, ip, port, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.monotonic()
+        out = subprocess.run(["dig", f"@{server}", name, "+tries=2", "+timeout=1", "+short"],
+                             capture_output=True, text=True).stdout.splitlines()
+        out = [line for line in out if line and not line.startswith(";")]  # ";; ... timed out" (a retry)
+        took = time.monotonic() - t
+        try:
+            socket.create_connection((ip, port), timeout=1).close()
+            connected = True
+        except OSError:
+            connected = False
+        print(json.dumps({"at": t, "answer": out, "took": took, "connected": connected}), flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+@pytest.fixture
+def world(node: Node, internet: Internet, dnsproxy: DNSProxyProcess, tmp_path: Path) -> Iterator[DNSWorld]:
+    w = DNSWorld(node, internet, tmp_path)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+class QueryLoop:
+    def __init__(self, node: Node, world: DNSWorld, pod: str, seconds: float) -> None:
+        argv = [PY, "-u", "-c", LOOP, world.coredns_ip, "api.github.com", "198.51.100.10", "443", str(seconds)]
+        self.proc = subprocess.Popen(node.argv(pod, *argv), stdout=subprocess.PIPE, text=True)
+        self.started = time.monotonic()
+
+    def results(self) -> list[dict[str, Any]]:
+        out, _ = self.proc.communicate(timeout=120)
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def check(results: list[dict[str, Any]]) -> None:
+    assert len(results) > 20, results
+    unanswered = [r for r in results if r["answer"] != ["198.51.100.10"]]
+    assert not unanswered, unanswered
+    refused = [r for r in results if not r["connected"]]
+    assert not refused, refused
+
+
+def test_restarting_the_dns_proxy_interrupts_no_query(
+    node: Node, internet: Internet, world: DNSWorld, dnsproxy: DNSProxyProcess
+) -> None:
+    node.add("mediabot", {"class": "mediabot"})
+    internet.serve("tcp-echo", "198.51.100.10", 443)
+    node.apply(POLICY)
+    assert world.dig("default/mediabot", "api.github.com").ips == ["198.51.100.10"]
+    loop = QueryLoop(node, world, "default/mediabot", 14)
+    time.sleep(2)
+    # A rolling restart: the new process binds beside the old (SO_REUSEPORT) and registers the
+    # same port; the old one leaves. Not one query waits for a retry.
+    second = dnsproxy.spawn_second()
+    second.start()
+    t_rolling = time.monotonic()
+    dnsproxy.stop()
+    time.sleep(2)
+    t_rolled = time.monotonic()
+    # A stop-and-start, then a crash: the redirect fails closed for the restart's length, dig's
+    # second try (1 s later) gets through.
+    second.stop()
+    dnsproxy.start()
+    time.sleep(2)
+    dnsproxy.kill()
+    dnsproxy.start()
+    results = loop.results()
+    check(results)
+    rolling = [r for r in results if t_rolling <= r["at"] <= t_rolled]
+    assert rolling and max(r["took"] for r in rolling) < 1.0, rolling
+    # The restarted proxy restored its cache from the node's disk.
+    assert any(r["fqdn"] == "api.github.com." for r in dnsproxy.cache())
+
+
+def test_restarting_the_datapath_agent_interrupts_no_query_and_no_connection(
+    node: Node, internet: Internet, world: DNSWorld, dnsproxy: DNSProxyProcess
+) -> None:
+    node.add("mediabot", {"class": "mediabot"})
+    internet.serve("tcp-echo", "198.51.100.10", 443)
+    internet.serve("tcp-echo", "198.51.100.44", 443)
+    node.apply(POLICY)
+    assert world.dig("default/mediabot", "api.github.com").ips == ["198.51.100.10"]
+    loop = QueryLoop(node, world, "default/mediabot", 12)
+    time.sleep(1.5)
+    node.agent.stop()
+    time.sleep(1.0)  # the agent is away: the proxy answers from the rules it has
+    node.agent.start(timeout=60)
+    eventually(lambda: node.status().get("policies_synced"), 20, "the agent's first policy snapshot")
+    eventually(dnsproxy.registered, 10, "the proxy registered again")
+    check(loop.results())
+    # The agent restored the FQDN IPs before its first write, and a new name still opens.
+    assert "198.51.100.10" in str(node.maps().ipcache_items())
+    assert world.dig("default/mediabot", "ifconfig.me").ips == ["198.51.100.44"]
+    assert reach(node, "default/mediabot", "198.51.100.44", 443)
+
+
+def test_with_the_control_plane_down_a_new_allowed_name_resolves_and_opens(
+    node: Node, internet: Internet, world: DNSWorld, dnsproxy: DNSProxyProcess
+) -> None:
+    node.add("mediabot", {"class": "mediabot"})
+    internet.serve("tcp-echo", "198.51.100.11", 443)
+    node.apply(POLICY)
+    node.policy.stop()
+    node.cp.identity.stop()
+    node.cp.nats.stop()
+    try:
+        answer = world.dig("default/mediabot", "support.github.com")
+        assert answer.ips == ["198.51.100.11"]
+        assert reach(node, "default/mediabot", "198.51.100.11", 443)
+        assert world.dig("default/mediabot", "cnn.com").ips == ["198.51.100.5"]  # resolves ...
+        assert not reach(node, "default/mediabot", "198.51.100.5", 443)  # ... but opens nothing
+    finally:
+        node.cp.ensure_running()
+        node.policy.start()
