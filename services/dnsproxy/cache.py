@@ -87,6 +87,8 @@ class FQDNCache:
         self.acked: set[Pair] = set()
         self._holders: dict[Pair, set[int]] = {}  # pair -> endpoints whose lookups hold it
         self.endpoint_names: dict[int, str] = {}  # kept after an endpoint's last lookup (zombies)
+        self.version = 0  # bumped when pairs come or go (what must be saved soon)
+        self.refreshed = 0  # bumped when a lookup only moved an expiry (can be saved lazily)
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -104,7 +106,10 @@ class FQDNCache:
         per_name = ep.names.setdefault(name, {})
         pairs = []
         for ip in dict.fromkeys(ips):
-            per_name.pop(ip, None)  # re-insert: dict order is lookup order (oldest first)
+            if per_name.pop(ip, None) is None:  # re-insert: dict order is lookup order (oldest first)
+                self.version += 1
+            else:
+                self.refreshed += 1
             per_name[ip] = Lookup(now + ttl, ttl, now)
             pair = (ip, name)
             self._holders.setdefault(pair, set()).add(endpoint)
@@ -137,6 +142,7 @@ class FQDNCache:
                     if lookup.expires > now:
                         continue
                     del per_name[ip]
+                    self.version += 1
                     holders = self._holders.get((ip, name))
                     if holders is not None:
                         holders.discard(ep.id)
@@ -157,7 +163,8 @@ class FQDNCache:
     def forget(self, pairs: Iterable[Pair]) -> None:
         """These zombies' connections are gone (or they were never in use): drop them."""
         for pair in pairs:
-            self.zombies.pop(pair, None)
+            if self.zombies.pop(pair, None) is not None:
+                self.version += 1
             self.acked.discard(pair)
 
     def next_expiry(self) -> float | None:
@@ -211,8 +218,9 @@ class FQDNCache:
             "endpointNames": {str(k): v for k, v in self.endpoint_names.items()},
         }
 
-    def load_json(self, doc: Mapping[str, Any]) -> None:
-        """Restore a saved cache (what a restarted proxy starts from); bad entries are skipped."""
+    def load_json(self, doc: Mapping[str, Any], slack: float = 0.0) -> None:
+        """Restore a saved cache (what a restarted proxy starts from). Expiries move `slack`
+        seconds later: refreshes are saved lazily, so a saved expiry may be that much early."""
         if doc.get("version") != 1:
             raise ValueError(f"unknown cache file version {doc.get('version')!r}")
         for raw in doc.get("endpoints", []):
@@ -222,7 +230,7 @@ class FQDNCache:
             for name, ips in (raw.get("names") or {}).items():
                 per_name = ep.names.setdefault(str(name), {})
                 for ip, (expires, ttl, looked_up) in ips.items():
-                    per_name[str(ip)] = Lookup(float(expires), int(ttl), float(looked_up))
+                    per_name[str(ip)] = Lookup(float(expires) + slack, int(ttl), float(looked_up))
                     self._holders.setdefault((str(ip), str(name)), set()).add(ep_id)
         for key, value in (doc.get("endpointNames") or {}).items():
             self.endpoint_names.setdefault(int(key), str(value))

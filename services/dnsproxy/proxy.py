@@ -57,7 +57,8 @@ class ProxyConfig:
     state_file: Path | None = None
     socket_path: Path = Path("/run/cilia/node.sock")
     flow_queue: int = 20000
-    persist_interval: float = 0.25
+    persist_interval: float = 0.25  # new or removed pairs are on disk within this
+    refresh_save_interval: float = 5.0  # expiry refreshes only within this (restored with as much slack)
     link_wait: float = 0.5  # how long a query with no known rules waits for the agent
 
 
@@ -174,10 +175,14 @@ class DNSProxy:
         self.tcp: asyncio.Server | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.inflight: set[asyncio.Future[None]] = set()
-        self.dirty = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.link.generation_changed.append(self._generation_changed)
         self.link.on_connect.append(self.resync)
+        # Metric children resolved once (labels() per query costs more than the increment).
+        self._queries = {
+            (v, p): metrics.queries.labels(v, p) for v in ("allowed", "denied", "error") for p in ("UDP", "TCP")
+        }
+        self._latency = {v: metrics.latency.labels(v) for v in ("allowed", "denied")}
 
     # --- start and stop --------------------------------------------------------------------
 
@@ -385,7 +390,7 @@ class DNSProxy:
         policy = await self.policy_for(client[0], orig[0])
         if policy is None:
             # No rules known for this pod and the agent cannot be asked: a transient failure.
-            self.metrics.queries.labels("error", proto).inc()
+            self._queries["error", proto].inc()
             return wire.error_reply(query, wire.RCODE_SERVFAIL)
         qname, qtype = query.name, query.question.type_name
         allowed, reason = policy.judge(PROTO_NUM[proto], orig[1], qname)
@@ -409,8 +414,8 @@ class DNSProxy:
                 )
             )
         if not allowed or src is None:
-            self.metrics.queries.labels("denied", proto).inc()
-            self.metrics.latency.labels("denied").observe((time.monotonic_ns() - t0) / 1e9)
+            self._queries["denied", proto].inc()
+            self._latency["denied"].observe((time.monotonic_ns() - t0) / 1e9)
             return wire.error_reply(query, self.cfg.reject_rcode)
         t_up = time.monotonic_ns()
         try:
@@ -418,17 +423,16 @@ class DNSProxy:
         except wire.Malformed as err:
             self.metrics.malformed.labels("server", err.reason).inc()
             self.metrics.upstream_errors.labels("malformed").inc()
-            self.metrics.queries.labels("error", proto).inc()
+            self._queries["error", proto].inc()
             return wire.error_reply(query, wire.RCODE_SERVFAIL)
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as err:
             self.metrics.upstream_errors.labels("timeout" if isinstance(err, TimeoutError) else "error").inc()
-            self.metrics.queries.labels("error", proto).inc()
+            self._queries["error", proto].inc()
             return wire.error_reply(query, wire.RCODE_SERVFAIL)
         t_back = time.monotonic_ns()
         details = wire.answer_details(raw, msg)
         if details.ips and not details.error and msg.rcode == wire.RCODE_NOERROR:
             pairs = self.cache.update(src.id, src.name, qname, details.ips, details.ttl, time.time())
-            self.dirty = True
             if self.selectors.matching(qname):
                 need = [p for p in pairs if p not in self.cache.acked]
                 if need:
@@ -456,8 +460,8 @@ class DNSProxy:
                 rrtypes=details.rrtypes,
             )
         )
-        self.metrics.queries.labels("allowed", proto).inc()
-        self.metrics.latency.labels("allowed").observe((t_end - t0 - (t_back - t_up)) / 1e9)
+        self._queries["allowed", proto].inc()
+        self._latency["allowed"].observe((t_end - t0 - (t_back - t_up)) / 1e9)
         return answer
 
     async def _wait_ack(self, need: list[Pair]) -> None:
@@ -570,9 +574,7 @@ class DNSProxy:
 
     async def collect(self) -> None:
         """Expire lookups; forget in the datapath what no open connection uses any more."""
-        released = self.cache.collect(time.time())
-        if released:
-            self.dirty = True
+        self.cache.collect(time.time())
         # Zombies the datapath never had need no check.
         self.cache.forget([p for p in list(self.cache.zombies) if p not in self.cache.acked])
         if not self.cache.zombies or not self.link.up.is_set():
@@ -584,7 +586,6 @@ class DNSProxy:
         if done:
             await self.updates.forget(done)
             self.cache.forget(done)
-            self.dirty = True
             log.info(
                 "event=fqdn-expired pairs=%d kept_for_connections=%d", len(done), len(self.cache.zombies)
             )
@@ -594,30 +595,38 @@ class DNSProxy:
         if path is None or not path.exists():
             return
         try:
-            self.cache.load_json(json.loads(path.read_text()))
+            self.cache.load_json(json.loads(path.read_text()), slack=self.cfg.refresh_save_interval)
         except (OSError, ValueError, KeyError, TypeError) as err:
             log.warning("event=cache-restore-failed file=%s error=%r", path, str(err))
             return
         log.info("event=cache-restored file=%s pairs=%d", path, len(self.cache.pairs()))
 
-    def _save(self) -> None:
+    def _save(self, doc: dict[str, Any] | None = None) -> None:
+        """Write the cache (a snapshot taken on the loop: the file is written off it)."""
         path = self.cfg.state_file
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cache.to_json(), separators=(",", ":")))
+        tmp.write_text(json.dumps(doc if doc is not None else self.cache.to_json(), separators=(",", ":")))
         tmp.replace(path)
 
     async def _persist_loop(self) -> None:
+        """Save soon after pairs come or go; after mere expiry refreshes, at most every few seconds."""
+        saved = (self.cache.version, self.cache.refreshed)
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.persist_interval)
-            if self.dirty:
-                self.dirty = False
-                try:
-                    await asyncio.to_thread(self._save)
-                except OSError as err:
-                    log.warning("event=cache-save-failed error=%r", str(err))
+            now = time.monotonic()
+            if self.cache.version == saved[0] and (
+                self.cache.refreshed == saved[1] or now - last < self.cfg.refresh_save_interval
+            ):
+                continue
+            saved, last = (self.cache.version, self.cache.refreshed), now
+            try:
+                await asyncio.to_thread(self._save, self.cache.to_json())
+            except OSError as err:
+                log.warning("event=cache-save-failed error=%r", str(err))
 
     # --- views for the API -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ Pure functions: no sockets, no dnslib on the packet path (dnslib builds the test
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -69,7 +70,8 @@ QTYPE_NAMES: dict[int, str] = {
     257: "CAA",
 }
 
-_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_PLAIN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+_PLAIN = frozenset(_PLAIN_BYTES)
 _ESCAPED = {ord(c): "\\" + c for c in '.\\"();@$ '}
 
 
@@ -86,6 +88,8 @@ def qtype_name(qtype: int) -> str:
 
 
 def _label_text(raw: bytes) -> str:
+    if not raw.translate(None, _PLAIN_BYTES):  # the usual case: letters, digits, - and _ only
+        return raw.decode("ascii").lower()
     out = []
     for b in raw:
         if b in _PLAIN:
@@ -99,14 +103,17 @@ def _label_text(raw: bytes) -> str:
     return "".join(out)
 
 
-def read_name(buf: bytes, off: int) -> tuple[str, int]:
-    """The name at `off` (presentation form, lower-case, trailing dot) and the offset after it."""
+def read_name(buf: bytes, off: int, memo: dict[int, str] | None = None) -> tuple[str, int]:
+    """The name at `off` (presentation form, lower-case, trailing dot) and the offset after it.
+
+    `memo` (offset -> name, per message) spares decoding a compressed name's target again."""
     labels: list[str] = []
     wire_len = 0
     end = -1
     hops = 0
     pos = off
     limit = len(buf)
+    suffix = ""
     while True:
         if pos >= limit:
             raise Malformed("truncated", f"name at {off} runs past the message")
@@ -128,6 +135,13 @@ def read_name(buf: bytes, off: int) -> tuple[str, int]:
                 raise Malformed("compression", "too many pointers")
             if end < 0:
                 end = pos + 2
+            if memo is not None and target in memo:
+                suffix = memo[target]
+                # the memoised name was checked when read; only the total length needs adding
+                wire_len += _wire_len(suffix)
+                if wire_len > MAX_NAME:
+                    raise Malformed("name-too-long", f"name at {off}")
+                break
             pos = target
             continue
         if kind:
@@ -139,9 +153,23 @@ def read_name(buf: bytes, off: int) -> tuple[str, int]:
             raise Malformed("name-too-long", f"name at {off}")
         labels.append(_label_text(buf[pos + 1 : pos + 1 + n]))
         pos += n + 1
-    if not labels:
-        return ".", end
-    return ".".join(labels) + ".", end
+    if suffix:
+        name = ".".join(labels) + "." + suffix if labels else suffix
+    else:
+        name = ".".join(labels) + "." if labels else "."
+    if memo is not None:
+        memo[off] = name
+    return name, end
+
+
+def _wire_len(name: str) -> int:
+    """The wire length of a name read by `read_name` (escapes count as one byte)."""
+    if name == ".":
+        return 1
+    text = name
+    if "\\" in text:
+        text = re.sub(r"\\(\d{3}|.)", "x", text)
+    return len(text) + 1
 
 
 @dataclass(frozen=True)
@@ -186,6 +214,7 @@ class Message:
     question: Question | None
     question_end: int
     answers: list[Record] = field(default_factory=list)
+    memo: dict[int, str] = field(default_factory=dict, repr=False)
 
     @property
     def rcode(self) -> int:
@@ -200,10 +229,12 @@ class Message:
         return bool(self.flags & FLAG_TC)
 
 
-def _skip_records(buf: bytes, off: int, count: int, keep: list[Record] | None) -> int:
+def _skip_records(
+    buf: bytes, off: int, count: int, keep: list[Record] | None, memo: dict[int, str]
+) -> int:
     limit = len(buf)
     for _ in range(count):
-        name, off = read_name(buf, off)
+        name, off = read_name(buf, off, memo)
         if off + 10 > limit:
             raise Malformed("truncated", f"record header at {off}")
         rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(buf, off)
@@ -227,17 +258,18 @@ def parse_message(buf: bytes, max_size: int = MAX_MESSAGE) -> Message:
         raise Malformed("counts", f"{qd} questions")
     off = HEADER.size
     question = None
+    memo: dict[int, str] = {}
     if qd:
-        name, off = read_name(buf, off)
+        name, off = read_name(buf, off, memo)
         if off + 4 > len(buf):
             raise Malformed("truncated", "question type and class")
         qtype, qclass = struct.unpack_from("!HH", buf, off)
         off += 4
         question = Question(name, qtype, qclass)
     qend = off
-    msg = Message(mid, flags, question, qend)
-    off = _skip_records(buf, off, an, msg.answers)
-    off = _skip_records(buf, off, ns + ar, None)
+    msg = Message(mid, flags, question, qend, memo=memo)
+    off = _skip_records(buf, off, an, msg.answers, memo)
+    off = _skip_records(buf, off, ns + ar, None, memo)
     if off != len(buf):
         raise Malformed("counts", f"{len(buf) - off} bytes after the last record")
     return msg
@@ -297,7 +329,7 @@ def answer_details(buf: bytes, msg: Message) -> AnswerDetails:
             ips.append(str(ipaddress.IPv6Address(data)))
             ttl = min(ttl, rr.ttl)
         elif rr.rtype == TYPE_CNAME:
-            target, end = read_name(buf, rr.rdata_off)
+            target, end = read_name(buf, rr.rdata_off, msg.memo)
             if end != rr.rdata_off + rr.rdlength:
                 return AnswerDetails(qname, (), 0, (), msg.rcode, tuple(rrtypes), "bad CNAME record")
             cnames.append(target)
