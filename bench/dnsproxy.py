@@ -101,7 +101,9 @@ class Bench:
             return next(n for k, n in numbers.items() if f"k8s:app={k}" in labels)
 
         loader.remove_pins(maps.pin_root(NODE))
-        self.agent = Agent(NODE, maps.pin_root(NODE), self.dir / "state" / NODE, POD_CIDR, allocate, node_netns=NETNS)
+        self.agent = Agent(
+            NODE, maps.pin_root(NODE), self.dir / "state" / NODE, POD_CIDR, allocate, node_netns=NETNS
+        )
         await self.agent.start()
         await self.agent.set_policies({})
 
@@ -113,7 +115,9 @@ class Bench:
         s = await self.agent.add_endpoint(EndpointSpec(name="server", labels={"app": "server"}))
         self.client, self.server_ip = c.model_dump(), s.ip
         zone = ["$ORIGIN bench.test.", "$TTL 300", "@ IN SOA ns admin 1 3600 600 86400 300", "@ IN NS ns"]
-        zone += ["ns IN A 198.51.100.250"] + [f"a{i} IN A 198.51.{100 + i // 250}.{i % 250}" for i in range(NAMES)]
+        zone += ["ns IN A 198.51.100.250"] + [
+            f"a{i} IN A 198.51.{100 + i // 250}.{i % 250}" for i in range(NAMES)
+        ]
         (self.dir / "bench.test.zone").write_text("\n".join(zone) + "\n")
         (self.dir / "queries.txt").write_text("".join(f"a{i}.bench.test A\n" for i in range(NAMES)))
         d = self.dir
@@ -140,7 +144,9 @@ zone:
   zonefile: "bench.test.zone"
 """
         )
-        self.spawn(["taskset", "-c", "0", *self.pod(s.model_dump(), ["nsd", "-d", "-c", str(d / "nsd.conf")])])
+        self.spawn(
+            ["taskset", "-c", "0", *self.pod(s.model_dump(), ["nsd", "-d", "-c", str(d / "nsd.conf")])]
+        )
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -165,12 +171,16 @@ zone:
         deadline = time.monotonic() + 30
         while PROXY_PORT not in self.agent.proxies:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the DNS proxy did not register: {(self.dir / 'dnsproxy.log').read_text()[-800:]}")
+                raise RuntimeError(
+                    f"the DNS proxy did not register: {(self.dir / 'dnsproxy.log').read_text()[-800:]}"
+                )
             await asyncio.sleep(0.1)
 
     def spawn(self, argv: list[str]) -> None:
         self.procs.append(
-            subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
         )
 
     def pod(self, rec: dict[str, Any], argv: list[str]) -> list[str]:
@@ -189,7 +199,11 @@ zone:
         assert self.agent is not None
         await self.agent.set_policies(policy(cfg == "proxy"))
         out = await self.run(
-            self.pod(self.client, ["dig", f"@{self.server_ip}", "a1.bench.test", "+short", "+tries=3", "+timeout=1"]), 20
+            self.pod(
+                self.client,
+                ["dig", f"@{self.server_ip}", "a1.bench.test", "+short", "+tries=3", "+timeout=1"],
+            ),
+            20,
         )
         if out.strip() != "198.51.100.1":
             raise RuntimeError(f"{cfg}: the server does not answer through this configuration: {out!r}")
@@ -201,7 +215,16 @@ zone:
             "0",
             *self.pod(
                 self.client,
-                ["dnsperf", "-s", self.server_ip, "-d", str(self.dir / "queries.txt"), "-l", str(self.seconds), *extra],
+                [
+                    "dnsperf",
+                    "-s",
+                    self.server_ip,
+                    "-d",
+                    str(self.dir / "queries.txt"),
+                    "-l",
+                    str(self.seconds),
+                    *extra,
+                ],
             ),
         ]
 
@@ -216,7 +239,9 @@ zone:
         return float(m.group(1))
 
     async def latency(self) -> dict[str, float]:
-        out = await self.run(self.dnsperf("-Q", str(LATENCY_QPS), "-c", "4", "-v", "-t", "2"), self.seconds + 30)
+        out = await self.run(
+            self.dnsperf("-Q", str(LATENCY_QPS), "-c", "4", "-v", "-t", "2"), self.seconds + 30
+        )
         values = [float(x) * 1000 for x in re.findall(r"^> NOERROR \S+ A ([\d.]+)$", out, re.M)]
         if len(values) < LATENCY_QPS * self.seconds * 0.9:
             raise RuntimeError(f"too few answered queries at {LATENCY_QPS} qps: {len(values)}")

@@ -180,7 +180,9 @@ class DNSProxy:
         self.link.on_connect.append(self.resync)
         # Metric children resolved once (labels() per query costs more than the increment).
         self._queries = {
-            (v, p): metrics.queries.labels(v, p) for v in ("allowed", "denied", "error") for p in ("UDP", "TCP")
+            (v, p): metrics.queries.labels(v, p)
+            for v in ("allowed", "denied", "error")
+            for p in ("UDP", "TCP")
         }
         self._latency = {v: metrics.latency.labels(v) for v in ("allowed", "denied")}
 

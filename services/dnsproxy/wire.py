@@ -229,9 +229,7 @@ class Message:
         return bool(self.flags & FLAG_TC)
 
 
-def _skip_records(
-    buf: bytes, off: int, count: int, keep: list[Record] | None, memo: dict[int, str]
-) -> int:
+def _skip_records(buf: bytes, off: int, count: int, keep: list[Record] | None, memo: dict[int, str]) -> int:
     limit = len(buf)
     for _ in range(count):
         name, off = read_name(buf, off, memo)

@@ -197,7 +197,9 @@ class DNSWorld:
 
     def set_zone(self, records: dict[str, dict[str, Any]]) -> None:
         self.records = records
-        _write_json(self.zone, {"zones": ["github.com.", "ifconfig.me.", "cnn.com.", "test."], "records": records})
+        _write_json(
+            self.zone, {"zones": ["github.com.", "ifconfig.me.", "cnn.com.", "test."], "records": records}
+        )
 
     def set_cluster_zone(self, records: dict[str, dict[str, Any]]) -> None:
         self.cluster_records = records
@@ -266,5 +268,16 @@ def _write_json(path: Path, doc: Any) -> None:
 
 def reach(node: Node, pod: str, ip: str, port: int, timeout: float = 0.7) -> bool:
     """A TCP connection from the pod opens (the policy let the SYN through and the server answered)."""
-    argv = [PY, "-m", "cilia.demo_apps", "probe-tcp", "--bind", ip, "--port", str(port), "--timeout", str(timeout)]
+    argv = [
+        PY,
+        "-m",
+        "cilia.demo_apps",
+        "probe-tcp",
+        "--bind",
+        ip,
+        "--port",
+        str(port),
+        "--timeout",
+        str(timeout),
+    ]
     return node.exec(pod, *argv).returncode == 0

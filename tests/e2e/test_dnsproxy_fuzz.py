@@ -43,7 +43,9 @@ def malformed() -> st.SearchStrategy[bytes]:
     counts = st.tuples(st.integers(2, 65535), st.integers(1, 65535)).map(
         lambda c: HDR.pack(7, 0x0100, 1, c[0], c[1], 0) + VALID[12:]
     )
-    loop = st.integers(12, 40).map(lambda at: HDR.pack(7, 0x0100, 1, 0, 0, 0) + struct.pack("!H", 0xC000 | at) + b"\0\1\0\1")
+    loop = st.integers(12, 40).map(
+        lambda at: HDR.pack(7, 0x0100, 1, 0, 0, 0) + struct.pack("!H", 0xC000 | at) + b"\0\1\0\1"
+    )
     oversized = st.integers(4097, 9000).map(lambda n: VALID + b"\0" * (n - len(VALID)))
     response = st.just(VALID[:2] + b"\x81\x80" + VALID[4:])
     trailing = st.binary(min_size=1, max_size=40).map(lambda b: VALID + b)

@@ -68,7 +68,17 @@ def world(node: Node, internet: Internet, dnsproxy: DNSProxyProcess, tmp_path: P
 
 class QueryLoop:
     def __init__(self, node: Node, world: DNSWorld, pod: str, seconds: float) -> None:
-        argv = [PY, "-u", "-c", LOOP, world.coredns_ip, "api.github.com", "198.51.100.10", "443", str(seconds)]
+        argv = [
+            PY,
+            "-u",
+            "-c",
+            LOOP,
+            world.coredns_ip,
+            "api.github.com",
+            "198.51.100.10",
+            "443",
+            str(seconds),
+        ]
         self.proc = subprocess.Popen(node.argv(pod, *argv), stdout=subprocess.PIPE, text=True)
         self.started = time.monotonic()
 

@@ -8,11 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import Internet, Node, eventually
 from dns_harness import DNSProxyProcess, DNSWorld, reach
 from test_dnsproxy_scenarios import dns_lines
 
+from cilia.cli.main import cli, register
 from cilia.flows import Flow
+
+register()
 
 
 @pytest.fixture
@@ -170,4 +174,37 @@ def test_names_open_only_what_a_selector_names_and_only_once_resolved(
     rows = {(r["fqdn"], tuple(r["ips"])): r for r in dnsproxy.cache(endpoint="default/mediabot")}
     assert rows[("api.github.com.", ("198.51.100.10",))]["selectors"] == ["matchName: api.github.com"]
     assert rows[("evil.github.com.", ("198.51.100.10",))]["selectors"] == []
-
+    # ... and so does `cilia fqdn cache list`.
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--dnsproxy-url",
+            dnsproxy.url,
+            "--token",
+            node.token,
+            "fqdn",
+            "cache",
+            "list",
+            "-e",
+            "default/mediabot",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == [
+        "Endpoint",
+        "Pod",
+        "Source",
+        "FQDN",
+        "TTL",
+        "ExpirationTime",
+        "IPs",
+        "Selectors",
+    ]
+    api = next(line.split() for line in lines if " api.github.com. " in line)
+    assert api[1:4] == ["default/mediabot", "lookup", "api.github.com."] and api[6:] == [
+        "198.51.100.10",
+        "matchName:",
+        "api.github.com",
+    ]
+    assert not any("other" in line for line in lines[1:])  # only that endpoint's rows

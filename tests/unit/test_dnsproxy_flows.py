@@ -66,4 +66,6 @@ def test_the_summary_is_computed_the_same_way_as_hubbles() -> None:
     f = answer(1, ips=("198.51.100.10",), cnames=("api.github.com.",), rrtypes=("CNAME", "A"))
     flow = Flow.model_validate(f)
     assert flow.l7 is not None and flow.Summary == l7_summary(flow.l7)
-    assert flow.Summary == 'DNS Answer "198.51.100.10" CNAMEs: "api.github.com." TTL: 30 (Proxy ifconfig.me. A)'
+    assert (
+        flow.Summary == 'DNS Answer "198.51.100.10" CNAMEs: "api.github.com." TTL: 30 (Proxy ifconfig.me. A)'
+    )

@@ -57,7 +57,10 @@ def test_a_dot_inside_a_label_is_escaped_and_never_passes_for_two_labels() -> No
         (HDR.pack(1, 0x0100, 1, 3, 0, 0) + b"\x01a\x00\x00\x01\x00\x01", "truncated"),  # claims 3 answers
         (HDR.pack(1, 0x0100, 1, 0, 0, 0) + b"\x01a\x00\x00\x01\x00\x01junk", "counts"),  # trailing bytes
         (HDR.pack(1, 0x0100, 1, 0, 0, 0) + b"\x41" + b"a" * 65 + b"\x00\x00\x01\x00\x01", "label"),
-        (HDR.pack(1, 0x0100, 1, 0, 0, 0) + (b"\x3f" + b"a" * 63) * 5 + b"\x00\x00\x01\x00\x01", "name-too-long"),
+        (
+            HDR.pack(1, 0x0100, 1, 0, 0, 0) + (b"\x3f" + b"a" * 63) * 5 + b"\x00\x00\x01\x00\x01",
+            "name-too-long",
+        ),
         (HDR.pack(1, 0x8100, 1, 0, 0, 0) + b"\x01a\x00\x00\x01\x00\x01", "not-a-query"),
         (HDR.pack(1, 0x2800, 1, 0, 0, 0) + b"\x01a\x00\x00\x01\x00\x01", "not-a-query"),  # UPDATE
         (query() + b"\x00" * 5000, "oversized"),
