@@ -30,6 +30,7 @@ bench: bootstrap
 	$(PY) bench/datapath.py
 	$(PY) bench/cluster.py
 	$(PY) bench/services.py
+	$(PY) bench/dnsproxy.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache bench/out

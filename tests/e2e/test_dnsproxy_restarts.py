@@ -167,3 +167,24 @@ def test_with_the_control_plane_down_a_new_allowed_name_resolves_and_opens(
     finally:
         node.cp.ensure_running()
         node.policy.start()
+
+
+def test_a_redirect_whose_proxy_is_gone_fails_closed_even_while_the_agent_keeps_it(
+    node: Node, world: DNSWorld, dnsproxy: DNSProxyProcess
+) -> None:
+    node.add("mediabot", {"class": "mediabot"})
+    node.apply(POLICY)
+    assert world.dig("default/mediabot", "api.github.com").ips == ["198.51.100.10"]
+    before = len(world.queries(world.coredns_log))
+    # The proxy dies while the agent is down; the restarted agent keeps the proxy's registration for
+    # its grace period (a running proxy would not notice the restart), but no socket has the port.
+    node.agent.stop()
+    dnsproxy.stop()
+    node.agent.start(timeout=60)
+    eventually(lambda: node.status().get("policies_synced"), 20, "the agent's first policy snapshot")
+    assert str(10053) in node.status()["proxies"]
+    answer = world.dig("default/mediabot", "support.github.com", tries=1, timeout=1)
+    assert answer.status == "TIMEOUT"  # dropped, not forwarded unjudged to kube-dns
+    assert len(world.queries(world.coredns_log)) == before
+    dnsproxy.start()
+    assert world.dig("default/mediabot", "support.github.com").ips == ["198.51.100.11"]
