@@ -851,7 +851,7 @@ class Agent:
         if rec is not None:
             out.update(id=rec.ep_id, namespace=rec.namespace, pod_name=rec.name, labels=rec.identity_labels)
             return out
-        for w in self.cluster.values():
+        for w in self.remote_workloads():
             if w.ip is not None and str(w.ip) == ip:
                 out.update(namespace=w.namespace, pod_name=w.name)
                 return out

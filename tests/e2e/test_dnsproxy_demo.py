@@ -18,7 +18,9 @@ def test_the_demo_tells_the_mediabot_story_and_cleans_up(capsys: pytest.CaptureF
     assert "reached api.github.com /" in out
     assert "(no answer: curl exit code 28: support.github.com is not selected by toFQDNs)" in out
     assert "dns-request proxy FORWARDED (DNS Query api.github.com. A)" in out
-    assert 'dns-response proxy FORWARDED (DNS Answer "198.51.100.10" TTL: 30 (Proxy api.github.com. A))' in out
+    assert (
+        'dns-response proxy FORWARDED (DNS Answer "198.51.100.10" TTL: 30 (Proxy api.github.com. A))' in out
+    )
     cache = out.split("$ cilia fqdn cache list")[1].splitlines()
     assert cache[1].split()[0] == "Endpoint"
     assert any("api.github.com." in line and "matchName: api.github.com" in line for line in cache)

@@ -81,10 +81,7 @@ def test_malformed_messages_are_dropped_and_counted_and_the_proxy_keeps_answerin
                 s.connect(target)
                 s.sendall(struct.pack("!H", len(data) & 0xFFFF) + data[:65535])
                 s.shutdown(socket.SHUT_WR)
-                try:
-                    assert s.recv(4096) == b""  # closed without an answer
-                except TimeoutError:
-                    pass
+                assert s.recv(4096) == b""  # closed without an answer
             sent["tcp"] += 1
         else:
             udp.sendto(data, target)

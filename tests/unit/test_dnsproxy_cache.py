@@ -107,7 +107,9 @@ def test_the_cli_table_reads_like_cilium_dbgs() -> None:
     c.update(7, "default/mediabot", "api.github.com.", ["198.51.100.10"], 30, T0)
     c.update(7, "default/mediabot", "old.test.", ["198.51.100.9"], 1, T0)
     c.collect(T0 + 2)
-    items = [r.to_dict(["matchName: api.github.com"] if r.name == "api.github.com." else []) for r in c.rows(T0)]
+    items = [
+        r.to_dict(["matchName: api.github.com"] if r.name == "api.github.com." else []) for r in c.rows(T0)
+    ]
     assert cache_table(items).splitlines() == [
         "Endpoint   Pod                Source       FQDN              TTL   ExpirationTime             IPs             Selectors",
         "7          default/mediabot   lookup       api.github.com.   30    2023-11-14T22:13:50.000Z   198.51.100.10   matchName: api.github.com",
