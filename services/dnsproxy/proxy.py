@@ -541,9 +541,8 @@ class DNSProxy:
         doc = await self.link.control.request({"op": "fqdn_list"}, timeout=5.0)
         held = {(ip, name) for ip, names in doc.get("ips", {}).items() for name in names}
         live = self.cache.pairs()
-        wanted = {p for p in live if self.selectors.matching(p[1]) or p in self.cache.acked}
-        self.cache.acked = wanted & held
-        missing = sorted(wanted - held)
+        self.cache.acked = held & live  # what the agent has: released through it when it expires
+        missing = sorted(p for p in live - held if self.selectors.matching(p[1]))
         extra = sorted(held - live)
         for i in range(0, len(missing), 2000):
             await self.updates.allow(missing[i : i + 2000])

@@ -188,3 +188,41 @@ def test_a_redirect_whose_proxy_is_gone_fails_closed_even_while_the_agent_keeps_
     assert len(world.queries(world.coredns_log)) == before
     dnsproxy.start()
     assert world.dig("default/mediabot", "support.github.com").ips == ["198.51.100.11"]
+
+
+def agent_fqdn_ips(node: Node) -> dict[str, list[str]]:
+    """What the agent holds for the DNS proxy (the node-local API's fqdn_list)."""
+    import socket
+
+    from services.datapath.localapi import socket_path
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(socket_path(node.name)))
+        s.sendall(json.dumps({"op": "fqdn_list"}).encode() + b"\n")
+        return dict(json.loads(s.makefile().readline())["ips"])
+
+
+def test_a_restarted_proxy_still_releases_what_it_or_a_lost_cache_opened(
+    node: Node, world: DNSWorld, dnsproxy: DNSProxyProcess
+) -> None:
+    node.add("mediabot", {"class": "mediabot"})
+    world.set_zone(
+        {
+            "a.github.com.": {"A": ["198.51.100.30"], "ttl": 3},
+            "b.github.com.": {"A": ["198.51.100.31"], "ttl": 3},
+        }
+    )
+    node.apply(POLICY)
+    assert world.dig("default/mediabot", "a.github.com").ips == ["198.51.100.30"]
+    assert agent_fqdn_ips(node) == {"198.51.100.30": ["a.github.com."]}
+    # Restarted, the proxy restores its cache and still releases the IP when its TTL runs out.
+    dnsproxy.stop()
+    dnsproxy.start()
+    eventually(lambda: agent_fqdn_ips(node) == {}, 15, "a.github.com released by the restarted proxy")
+    # A proxy that lost its cache file releases what the agent holds and it does not know.
+    assert world.dig("default/mediabot", "b.github.com").ips == ["198.51.100.31"]
+    dnsproxy.stop()
+    (node.state_dir / node.name / "dnsproxy-cache.json").unlink()
+    dnsproxy.start()
+    eventually(lambda: agent_fqdn_ips(node) == {}, 15, "b.github.com released although the cache was lost")
