@@ -256,8 +256,12 @@ def bookinfo(d: Demo) -> None:
     d.flows(since, ("policy-verdict", "DROPPED", "overlay FORWARDED (TCP Flags: SYN"))
 
 
-MEDIABOT_INET = "cilia-demo-inet"
 GITHUB = {"api.github.com": "198.51.100.10", "support.github.com": "198.51.100.11"}
+
+
+def mediabot_inet() -> str:
+    """The mediabot story's stand-in for the internet: a namespace named after the cluster."""
+    return f"cilia-{CLUSTER}-inet"
 
 
 def mediabot(d: Demo) -> None:
@@ -271,6 +275,7 @@ def mediabot(d: Demo) -> None:
 
     assert d.state is not None and d.client is not None
     st, n1 = d.state, d.state.nodes[d.nodes[0]]
+    inet, veth = mediabot_inet(), f"{CLUSTER}-inet"  # named after the cluster: demos may run side by side
     say("mediabot: egress by DNS name (toFQDNs), through the node's transparent DNS proxy")
     # The node's DNS proxy runs inside the node, like its datapath agent.
     api = f"http://{n1.ip}:9104"
@@ -290,20 +295,20 @@ def mediabot(d: Demo) -> None:
     )
     client = Client({**d.client.urls, "dnsproxy": api, "datapath": n1.api}, d.client.token)
     # A stand-in for the internet: GitHub's addresses in a namespace on the underlay bridge.
-    subprocess.run(["ip", "netns", "delete", MEDIABOT_INET], capture_output=True)
+    subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
     net = ipaddress.IPv4Network(st.underlay)
     inet_ip = str(net.network_address + 250)
     sh = [
-        ["ip", "netns", "add", MEDIABOT_INET],
-        ["ip", "link", "add", "demo-inet", "type", "veth", "peer", "name", "eth0", "netns", MEDIABOT_INET],
-        ["ip", "link", "set", "demo-inet", "master", st.bridge, "up"],
-        ["ip", "-n", MEDIABOT_INET, "addr", "add", f"{inet_ip}/{net.prefixlen}", "dev", "eth0"],
-        ["ip", "-n", MEDIABOT_INET, "link", "set", "eth0", "up"],
-        ["ip", "-n", MEDIABOT_INET, "link", "set", "lo", "up"],
-        ["ip", "-n", MEDIABOT_INET, "route", "add", n1.pod_cidr, "via", n1.ip],
+        ["ip", "netns", "add", inet],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", inet],
+        ["ip", "link", "set", veth, "master", st.bridge, "up"],
+        ["ip", "-n", inet, "addr", "add", f"{inet_ip}/{net.prefixlen}", "dev", "eth0"],
+        ["ip", "-n", inet, "link", "set", "eth0", "up"],
+        ["ip", "-n", inet, "link", "set", "lo", "up"],
+        ["ip", "-n", inet, "route", "add", n1.pod_cidr, "via", n1.ip],
     ]
     for ip in GITHUB.values():
-        sh.append(["ip", "-n", MEDIABOT_INET, "addr", "add", f"{ip}/32", "dev", "lo"])
+        sh.append(["ip", "-n", inet, "addr", "add", f"{ip}/32", "dev", "lo"])
         sh.append(["ip", "-n", n1.netns, "route", "add", f"{ip}/32", "via", inet_ip])
     try:
         for cmd in sh:
@@ -323,7 +328,7 @@ def mediabot(d: Demo) -> None:
             ]
             d.procs.append(
                 subprocess.Popen(
-                    ["nsenter", f"--net=/run/netns/{MEDIABOT_INET}", "--", *app],
+                    ["nsenter", f"--net=/run/netns/{inet}", "--", *app],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -379,7 +384,7 @@ def mediabot(d: Demo) -> None:
         print(f"{DIM}$ cilia fqdn cache list{RESET}")
         print(cache_table(client.request("dnsproxy", "GET", "/v1/fqdn/cache")["items"]))
     finally:
-        subprocess.run(["ip", "netns", "delete", MEDIABOT_INET], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
 
 
 def live() -> None:
