@@ -226,3 +226,28 @@ def test_a_restarted_proxy_still_releases_what_it_or_a_lost_cache_opened(
     (node.state_dir / node.name / "dnsproxy-cache.json").unlink()
     dnsproxy.start()
     eventually(lambda: agent_fqdn_ips(node) == {}, 15, "b.github.com released although the cache was lost")
+
+
+def test_an_answer_waits_for_the_datapath_no_longer_than_the_deadline(
+    node: Node, internet: Internet, world: DNSWorld, dnsproxy: DNSProxyProcess
+) -> None:
+    import os
+    import signal
+
+    node.add("mediabot", {"class": "mediabot"})
+    internet.serve("tcp-echo", "198.51.100.11", 443)
+    node.apply(POLICY)
+    assert world.dig("default/mediabot", "api.github.com").ips == ["198.51.100.10"]  # rules cached
+    before = dnsproxy.metric("cilia_dnsproxy_fqdn_deadline_exceeded_total")
+    pid = node.agent._proc.pid if node.agent._proc else 0
+    os.kill(pid, signal.SIGSTOP)  # the agent hangs: allow_fqdn gets no answer
+    try:
+        started = time.monotonic()
+        answer = world.dig("default/mediabot", "support.github.com", tries=1, timeout=3)
+        took = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert answer.ips == ["198.51.100.11"] and took < 1.0  # released after ~0.1 s, not held
+    assert dnsproxy.metric("cilia_dnsproxy_fqdn_deadline_exceeded_total") == before + 1
+    # The update was not lost: once the agent runs again, the IP opens.
+    eventually(lambda: reach(node, "default/mediabot", "198.51.100.11", 443), 10, "support.github.com open")

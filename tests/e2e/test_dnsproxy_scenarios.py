@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import Internet, Node, eventually
 from dns_harness import AUTHORITY, DNSProxyProcess, DNSWorld, reach
+from test_datapath_endpoints import cilia
 
 from cilia.flows import Flow, format_line
 
@@ -73,6 +74,19 @@ def test_mediabot_reaches_only_the_github_names_its_policy_allows(
         f"{peers.format('->')} dns-request proxy FORWARDED (DNS Query support.github.com. A)",
         f'{peers.format("<-")} dns-response proxy FORWARDED (DNS Answer "198.51.100.11" TTL: 30 (Proxy support.github.com. A))',
     ]
+
+    # `cilia observe --protocol dns` (from the flow stream the agent publishes the proxy's flows to).
+    def observed() -> list[str]:
+        out = cilia(node, "observe", "--last", "100", "--protocol", "dns", "--pod", "default/mediabot")
+        assert out.returncode == 0, out.stderr
+        return [
+            re.sub(r"default/mediabot:\d+", "default/mediabot:PORT", line) for line in out.stdout.splitlines()
+        ]
+
+    want = f"{peers.format('->')} dns-request proxy FORWARDED (DNS Query api.github.com. A)"
+    eventually(
+        lambda: any(line.endswith(want) for line in observed()), what="the DNS flows in `cilia observe`"
+    )
 
     # Step 2, matchPattern *.github.com: support opens too, github.com does not.
     node.apply(yaml.safe_dump_all(step2["apply"]))
