@@ -31,6 +31,7 @@ bench: bootstrap
 	$(PY) bench/cluster.py
 	$(PY) bench/services.py
 	$(PY) bench/l7proxy.py
+	$(PY) bench/dnsproxy.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache bench/out

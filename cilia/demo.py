@@ -216,7 +216,8 @@ class Demo:
 
     def apply(self, path: Path) -> None:
         assert self.client is not None
-        print(f"{DIM}$ cilia apply -f {path.relative_to(REPO)}{RESET}")
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+        print(f"{DIM}$ cilia apply -f {shown}{RESET}")
         reply = self.client.request(
             "policy", "POST", "/v1/policies", content=path.read_text(), content_type="application/yaml"
         )
@@ -323,11 +324,143 @@ def bookinfo(d: Demo) -> None:
     d.flows(since, ("policy-verdict", "DROPPED", "overlay FORWARDED (TCP Flags: SYN"))
 
 
+GITHUB = {"api.github.com": "198.51.100.10", "support.github.com": "198.51.100.11"}
+
+
+def mediabot_inet() -> str:
+    """The mediabot story's stand-in for the internet: a namespace named after the cluster."""
+    return f"cilia-{CLUSTER}-inet"
+
+
+def mediabot(d: Demo) -> None:
+    """The mediabot guide on real packets: node1's DNS proxy, a kube-dns pod, toFQDNs."""
+    import ipaddress
+
+    import yaml
+
+    from cilia.cli.fqdn import cache_table
+    from cilia.flows import Flow, format_line
+
+    assert d.state is not None and d.client is not None
+    st, n1 = d.state, d.state.nodes[d.nodes[0]]
+    inet, veth = mediabot_inet(), f"{CLUSTER}-inet"  # named after the cluster: demos may run side by side
+    say("mediabot: egress by DNS name (toFQDNs), through the node's transparent DNS proxy")
+    # The node's DNS proxy runs inside the node, like its datapath agent.
+    api = f"http://{n1.ip}:9104"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CILIA_NATS_URL": st.nats_url,
+        "CILIA_TOKEN_FILE": str(st.creds_file),
+        "CILIA_NODE": n1.name,
+        "CILIA_STATE_DIR": str(st.dir / "nodes"),
+        "CILIA_HTTP_ADDR": f"{n1.ip}:9104",
+    }
+    log = (d.dir / "dnsproxy.log").open("wb")
+    argv = ["nsenter", f"--net=/run/netns/{n1.netns}", "--", sys.executable, "-m", "services.dnsproxy"]
+    d.procs.append(
+        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    )
+    client = Client({**d.client.urls, "dnsproxy": api, "datapath": n1.api}, d.client.token)
+    # A stand-in for the internet: GitHub's addresses in a namespace on the underlay bridge.
+    subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
+    net = ipaddress.IPv4Network(st.underlay)
+    inet_ip = str(net.network_address + 250)
+    sh = [
+        ["ip", "netns", "add", inet],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", inet],
+        ["ip", "link", "set", veth, "master", st.bridge, "up"],
+        ["ip", "-n", inet, "addr", "add", f"{inet_ip}/{net.prefixlen}", "dev", "eth0"],
+        ["ip", "-n", inet, "link", "set", "eth0", "up"],
+        ["ip", "-n", inet, "link", "set", "lo", "up"],
+        ["ip", "-n", inet, "route", "add", n1.pod_cidr, "via", n1.ip],
+    ]
+    for ip in GITHUB.values():
+        sh.append(["ip", "-n", inet, "addr", "add", f"{ip}/32", "dev", "lo"])
+        sh.append(["ip", "-n", n1.netns, "route", "add", f"{ip}/32", "via", inet_ip])
+    try:
+        for cmd in sh:
+            subprocess.run(cmd, check=True, capture_output=True)
+        for name, ip in GITHUB.items():
+            app = [
+                sys.executable,
+                "-m",
+                "cilia.demo_apps",
+                "http",
+                "--bind",
+                ip,
+                "--port",
+                "443",
+                "--name",
+                name,
+            ]
+            d.procs.append(
+                subprocess.Popen(
+                    ["nsenter", f"--net=/run/netns/{inet}", "--", *app],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONPATH": str(REPO)},
+                    start_new_session=True,
+                )
+            )
+        dns = d.add(d.nodes[0], "coredns", {"k8s-app": "kube-dns"}, namespace="kube-system")
+        d.add(d.nodes[0], "mediabot", {"org": "empire", "class": "mediabot"})
+        zone = d.dir / "github.zone"
+        zone.write_text("".join(f"{name}. 30 IN A {ip}\n" for name, ip in GITHUB.items()))
+        resolver = [sys.executable, "-m", "dnslib.zoneresolver", "--zone", str(zone), "--address", dns["ip"]]
+        d.procs.append(
+            subprocess.Popen(
+                d.in_pod("coredns", *resolver, "--tcp", "--log=-request,-reply"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(CiliaError):
+                if client.request("dnsproxy", "GET", "/v1/dnsproxy/status").get("registered"):
+                    break
+            if time.monotonic() > deadline:
+                raise CiliaError("the DNS proxy did not register with the datapath")
+            time.sleep(0.1)
+        step = yaml.safe_load((EXAMPLES / "mediabot-dns.yaml").read_text())["steps"][0]
+        policy = d.dir / "mediabot-fqdn.yaml"
+        policy.write_text(yaml.safe_dump_all(step["apply"]))
+        print('toFQDNs matchName: api.github.com, and DNS to kube-dns with `rules.dns: [matchPattern: "*"]`')
+        d.apply(policy)
+        for name in GITHUB:
+            cmd = ["dig", "+short", "+tries=2", "+timeout=1", f"@{dns['ip']}", name]
+            print(f"{DIM}$ cilia endpoint exec default/mediabot -- {' '.join(cmd)}{RESET}")
+            ip = subprocess.run(d.in_pod("mediabot", *cmd), capture_output=True, text=True).stdout.strip()
+            print(ip)
+            curl = ["curl", "-s", "-m", "2", "--resolve", f"{name}:443:{ip}", f"http://{name}:443/"]
+            print(f"{DIM}$ cilia endpoint exec default/mediabot -- {' '.join(curl)}{RESET}")
+            out = subprocess.run(d.in_pod("mediabot", *curl), capture_output=True, text=True)
+            print(
+                f"reached {out.stdout.strip()}"
+                if out.returncode == 0
+                else f"(no answer: curl exit code {out.returncode}: {name} is not selected by toFQDNs)"
+            )
+        say("the DNS flows, and the proxy's FQDN cache")
+        time.sleep(0.3)
+        print(f"{DIM}$ cilia observe --protocol dns{RESET}")
+        for raw in client.request("datapath", "GET", "/v1/flows", params={"last": 500})["items"]:
+            flow = Flow.model_validate(raw)
+            if flow.l7 is not None and flow.l7.dns is not None:
+                print(format_line(flow))
+        print(f"{DIM}$ cilia fqdn cache list{RESET}")
+        print(cache_table(client.request("dnsproxy", "GET", "/v1/fqdn/cache")["items"]))
+    finally:
+        subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
+
+
 def live() -> None:
     with demo() as d:
         d.start()
         starwars(d)
         bookinfo(d)
+        mediabot(d)
 
 
 def offline() -> int:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,11 @@ from cilia.models.loader import parse_document
 from cilia.policy.context import PolicyOptions
 from cilia.policy.engine import PolicyEngine, SubjectKey
 from cilia.policy.inventory import Inventory, Workload, workload_identity_labels
+from cilia.policy.ipcache import IdentityInfo, IPCache, cidr_identity_labels
 from cilia.policy.l7 import PARSER_DNS, PARSER_HTTP, DNSRule, L7Request, L7Rule
 from cilia.policy.mapstate import EndpointPolicy, MapEntry, MapKey
 from cilia.policy.repository import PolicyKey, Repository
-from cilia.policy.rules import EGRESS, INGRESS
+from cilia.policy.rules import EGRESS, INGRESS, FQDNSelector
 from cilia.policy.translate import PolicyResource
 from services.datapath import lb, loader, maps, overlay, plumbing, proxyrules
 from services.datapath.ipam import Ipam
@@ -134,6 +135,7 @@ class Agent:
         tunnel: bool = True,
         node_ip: str | None = None,
         devices: Iterable[str] | None = None,
+        proxy_grace: float = 10.0,
     ) -> None:
         self.node = node
         self.pin_root = pin_root
@@ -172,6 +174,14 @@ class Agent:
         # the node's address).
         self.devices = list(devices) if devices is not None else None
         self.lb: lb.LBWriter | None = None
+        # For the DNS proxy (see the section at the end): a generation that changes whenever a DNS
+        # verdict or a toFQDNs selection may have, FQDN identities restored before the first map
+        # write, and proxy registrations kept across an agent restart for `proxy_grace` seconds.
+        self.generation = 0
+        self._generation_event = asyncio.Event()
+        self._restored_ipcache: IPCache | None = None
+        self.proxy_grace = proxy_grace
+        self._restored_proxies: set[int] = set()
 
     # --- start-up and restore ------------------------------------------------------------------
 
@@ -201,8 +211,11 @@ class Agent:
             await asyncio.to_thread(self._setup_overlay)
         await asyncio.to_thread(self._setup_devices)
         await self._restore()
+        self._restore_ipcache()
         await asyncio.to_thread(self._reset_proxies)
         await asyncio.to_thread(self._write_node_ipcache)
+        if self._restored_proxies:
+            self._proxy_expiry = asyncio.create_task(self.expire_restored_proxies())
 
     def _setup_overlay(self) -> None:
         assert self.programs is not None and self.maps is not None
@@ -232,11 +245,18 @@ class Agent:
         return sorted(self.node_ips, key=lambda a: IPv4Address(a))[0] if self.node_ips else None
 
     def _reset_proxies(self) -> None:
-        """Proxies register again after an agent restart; until then their redirects fail closed."""
+        """Proxies register again after an agent restart. A registration the previous run saved
+        (and whose port the datapath still has) is kept for `proxy_grace` seconds, so a proxy that
+        stays up keeps serving through the restart; other ports fail closed at once."""
         assert self.maps is not None
+        kept = self._load_proxies()
         for port in self.maps.proxy_port_list():
-            self.maps.proxy_port_delete(port)
-        proxyrules.remove(self.node_netns)
+            if port not in kept:
+                self.maps.proxy_port_delete(port)
+        if kept:
+            self._apply_proxy_rules()
+        else:
+            proxyrules.remove(self.node_netns)
         live = {rec.ip for rec in self.state.endpoints.values()}
         for ip, _info in self.maps.endpoint_items():
             if ip not in live:
@@ -493,11 +513,14 @@ class Agent:
 
     async def _regenerate_locked(self, rebuild: bool) -> int:
         if rebuild or self.engine is None:
-            previous = self.engine.ipcache if self.engine is not None else None
+            previous = self.engine.ipcache if self.engine is not None else self._restored_ipcache
             self.engine = PolicyEngine(self.inventory(), self.options, self.repo, previous=previous)
+            self._restored_ipcache = None
             await asyncio.to_thread(self.engine.compute_all)
         written = await asyncio.to_thread(self._write_all)
         self.regenerations += 1
+        self._bump_generation()
+        await self._save_ipcache()
         return written
 
     def policy_of(self, rec: EndpointRecord) -> EndpointPolicy | None:
@@ -615,8 +638,11 @@ class Agent:
             desired[f"{rec.ip}/32"] = (rec.identity, None)
         for ip in self.node_ips:
             desired[f"{ip}/32"] = (HOST, None)
-        if self.engine is not None:
-            for net, num in self.engine.ipcache.prefixes.items():
+        # Before the first policy snapshot after a restart, the previous run's CIDR and FQDN
+        # identities (restored from disk) stand in for the engine's: nothing they open closes.
+        ipcache = self.engine.ipcache if self.engine is not None else self._restored_ipcache
+        if ipcache is not None:
+            for net, num in ipcache.prefixes.items():
                 if net.version == 4:
                     desired.setdefault(str(net), (num, None))
         have = {prefix: (ident, tunnel) for prefix, ident, tunnel in self.maps.ipcache_items()}
@@ -648,6 +674,8 @@ class Agent:
             await asyncio.to_thread(self.maps.proxy_port_set, port)
             if self.policies_synced:
                 await asyncio.to_thread(self._write_all)
+            self._restored_proxies.discard(port)
+            await asyncio.to_thread(self._save_proxies)
         log.info("event=proxy-registered type=%s port=%d mode=%s", parser, port, mode)
 
     async def unregister_proxy(self, port: int) -> None:
@@ -660,6 +688,8 @@ class Agent:
                 if p == port:
                     del self.proxy_ports[parser]
             await asyncio.to_thread(self._apply_proxy_rules)
+            self._restored_proxies.discard(port)
+            await asyncio.to_thread(self._save_proxies)
         log.info("event=proxy-unregistered port=%d", port)
 
     def _apply_proxy_rules(self) -> None:
@@ -674,23 +704,35 @@ class Agent:
         """The DNS proxy saw these names resolve to these IPs: open them for matching toFQDNs selectors."""
         async with self.lock:
             if self.engine is None:
+                # No policy yet (a restart with the control plane away): keep them for the first one.
+                pending = self._restored_ipcache or IPCache()
+                for ip, names in ips.items():
+                    pending.add_fqdn_ip(ip_address(ip), names)
+                self._restored_ipcache = pending
+                await self._save_ipcache()
                 return 0
             update = await asyncio.to_thread(
                 self.engine.add_fqdn_ips, {ip_address(ip): names for ip, names in ips.items()}
             )  # type: ignore[misc]
             await asyncio.to_thread(self._write_all)
+            await self._save_ipcache()
             return sum(len(d) for d in update.diffs.values())
 
     async def forget_fqdn_ips(self, ips: Mapping[str, list[str] | None]) -> int:
         """Names expired for these IPs (their TTL ran out): close what only they opened."""
         async with self.lock:
             if self.engine is None:
+                if self._restored_ipcache is not None:
+                    for ip, names in ips.items():
+                        self._restored_ipcache.remove_fqdn_ip(ip_address(ip), names)
+                    await self._save_ipcache()
                 return 0
             update = await asyncio.to_thread(
                 self.engine.remove_fqdn_ips,
                 {ip_address(ip): names for ip, names in ips.items()},  # type: ignore[misc]
             )
             await asyncio.to_thread(self._write_all)
+            await self._save_ipcache()
             return sum(len(d) for d in update.diffs.values())
 
     def ips_in_use(self, ips: Iterable[str]) -> list[str]:
@@ -698,7 +740,10 @@ class Agent:
         assert self.maps is not None
         wanted = set(ips)
         used: set[str] = set()
-        for key, _ in self.maps.ct_items():
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for key, entry in self.maps.ct_items():
+            if not ct_alive(entry, int(key.proto), now):
+                continue  # past its timeout: closed, the GC just has not removed it yet
             src, dst, *_ = maps.ct_tuple(key)
             for a in (src, dst):
                 if a in wanted:
@@ -874,6 +919,216 @@ class Agent:
         if info is None or info.net is None or info.net.prefixlen != info.net.max_prefixlen:
             return []
         return sorted(n.rstrip(".") for n in info.names)
+
+    # --- for the DNS proxy: generations, DNS policy, FQDN state across restarts ------------------
+
+    def _bump_generation(self) -> None:
+        """Policies, endpoints or identities changed (every regeneration): wake the watchers.
+        FQDN changes do not bump it: they come from the DNS proxy, which knows what it changed."""
+        self.generation += 1
+        event, self._generation_event = self._generation_event, asyncio.Event()
+        event.set()
+
+    async def wait_generation(self, seen: int) -> int:
+        """Return the generation as soon as it differs from `seen`."""
+        while self.generation == seen:
+            await self._generation_event.wait()
+        return self.generation
+
+    def peer_info(self, ip: str) -> dict[str, Any]:
+        """An address as a flow names it: identity and labels, and the endpoint if it is one."""
+        ident = self.identity_of_ip(ip)
+        out: dict[str, Any] = {"ip": ip, "identity": ident, "labels": self.identity_labels(ident)}
+        rec = self.endpoint_by_ip(ip)
+        if rec is not None:
+            out.update(id=rec.ep_id, namespace=rec.namespace, pod_name=rec.name, labels=rec.identity_labels)
+            return out
+        for w in self.remote_workloads():
+            if w.ip is not None and str(w.ip) == ip:
+                out.update(namespace=w.namespace, pod_name=w.name)
+                return out
+        if self.engine is not None:
+            info = self.engine.ipcache.identities.get(ident)
+            if info is not None and info.net is not None and info.net.prefixlen == info.net.max_prefixlen:
+                out["names"] = [n.rstrip(".") for n in info.names]
+        return out
+
+    def fqdn_selectors(self) -> list[dict[str, str]]:
+        """Every `toFQDNs` selector of the policies: the names whose IPs the DNS proxy reports."""
+        seen: dict[FQDNSelector, None] = {}
+        for rule in self.repo.rules():
+            for entry in rule.entries:
+                for peer in entry.peers:
+                    if isinstance(peer, FQDNSelector):
+                        seen[peer] = None
+        return [
+            {"matchName": s.match_name}
+            if s.match_name is not None
+            else {"matchPattern": s.match_pattern or ""}
+            for s in seen
+        ]
+
+    def dns_policy(self, src_ip: str, dst_ip: str) -> dict[str, Any]:
+        """What the DNS proxy needs to judge every query from `src_ip` to the server `dst_ip` by
+        itself (and to go on judging while the agent restarts): the source's egress L7 filters that
+        cover the server's identity, whether egress is enforced, and both peers for flows.
+        `ready` is false until the first policy snapshot (the proxy then keeps what it had)."""
+        ready = self.policies_synced and self.engine is not None
+        src = self.endpoint_by_ip(src_ip)
+        dst = self.peer_info(dst_ip)
+        out: dict[str, Any] = {
+            "ok": True,
+            "ready": ready,
+            "generation": self.generation,
+            "src": self.peer_info(src_ip) if src is not None else None,
+            "dst": dst,
+            "enforced": False,
+            "filters": [],
+            "fqdn_selectors": self.fqdn_selectors(),
+        }
+        policy = self.policy_of(src) if src is not None else None
+        if policy is None:
+            return out
+        out["enforced"] = policy.enforced(EGRESS)
+        filters = []
+        for f in policy.l7_filters(EGRESS):
+            if f.identities is not None and dst["identity"] not in f.identities:
+                continue
+            rules = [
+                {"matchName": r.match_name} if r.match_name is not None else {"matchPattern": r.match_pattern}
+                for r in f.rules
+                if isinstance(r, DNSRule)
+            ]
+            filters.append(
+                {
+                    "proto": f.range.proto,
+                    "lo": f.range.lo,
+                    "hi": f.range.hi,
+                    "exact": f.exact,
+                    "dns": rules,
+                    "other_l7": len(rules) != len(f.rules),
+                    "reason": f.reason,
+                }
+            )
+        out["filters"] = filters
+        return out
+
+    def fqdn_ips(self) -> dict[str, list[str]]:
+        """The IPs the DNS proxy opened, with their names (what `allow_fqdn` added)."""
+        ipcache = self.engine.ipcache if self.engine is not None else self._restored_ipcache
+        if ipcache is None:
+            return {}
+        return {
+            str(info.net.network_address): list(info.names)
+            for info in ipcache.identities.values()
+            if info.names and info.net is not None
+        }
+
+    @property
+    def ipcache_file(self) -> Path:
+        return self.state_dir / "ipcache.json"
+
+    def _restore_ipcache(self) -> None:
+        """Node-local identities of the previous run (CIDR prefixes with their numbers, FQDN IPs
+        with their names): the first engine reuses them, so the first map write after a restart
+        neither renumbers identities nor closes what the DNS proxy had opened."""
+        if not self.ipcache_file.exists():
+            return
+        try:
+            doc = json.loads(self.ipcache_file.read_text())
+            cache = IPCache()
+            cache._next_local = int(doc["next_local"])
+            for prefix, num in doc.get("prefixes", {}).items():
+                cache.prefixes[ip_network(prefix)] = int(num)
+            for prefix, names in doc.get("fqdn", {}).items():
+                net = ip_network(prefix)
+                num = cache.prefixes[net]
+                cache.identities[num] = IdentityInfo(num, cidr_identity_labels(net), net, tuple(names))
+                cache.fqdn_only.add(net)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("event=ipcache-restore-failed file=%s error=%r", self.ipcache_file, str(err))
+            return
+        self._restored_ipcache = cache
+        log.info(
+            "event=ipcache-restored prefixes=%d fqdn_ips=%d", len(cache.prefixes), len(doc.get("fqdn", {}))
+        )
+
+    async def _save_ipcache(self) -> None:
+        cache = self.engine.ipcache if self.engine is not None else self._restored_ipcache
+        if cache is None:
+            return
+        doc = {
+            "next_local": cache._next_local,
+            "prefixes": {str(net): num for net, num in cache.prefixes.items()},
+            "fqdn": {
+                str(info.net): list(info.names)
+                for info in cache.identities.values()
+                if info.names and info.net is not None
+            },
+        }
+        if doc == getattr(self, "_saved_ipcache", None):
+            return
+        self._saved_ipcache = doc
+        await asyncio.to_thread(self._write_json, self.ipcache_file, doc)
+
+    def _write_json(self, path: Path, doc: Any) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(path)
+
+    @property
+    def proxies_file(self) -> Path:
+        return self.state_dir / "proxies.json"
+
+    def _save_proxies(self) -> None:
+        parsers = {port: parser for parser, port in self.proxy_ports.items()}
+        doc = {
+            str(port): {"type": parsers.get(port, ""), "mode": p.mode}
+            for port, p in self.proxies.items()
+            if port in parsers
+        }
+        self._write_json(self.proxies_file, doc)
+
+    def _load_proxies(self) -> set[int]:
+        """The previous run's registrations whose port the datapath still holds (see _reset_proxies)."""
+        assert self.maps is not None
+        try:
+            doc = json.loads(self.proxies_file.read_text()) if self.proxies_file.exists() else {}
+        except (OSError, ValueError):
+            doc = {}
+        bound = set(self.maps.proxy_port_list())
+        kept: set[int] = set()
+        for key, value in doc.items():
+            port = int(key)
+            if port in bound and value.get("type") in (PARSER_HTTP, PARSER_DNS):
+                self.proxies[port] = proxyrules.ProxyPort(port, str(value.get("mode", "dnat")))
+                self.proxy_ports[str(value["type"])] = port
+                kept.add(port)
+        self._restored_proxies = set(kept)
+        if kept:
+            log.info("event=proxies-restored ports=%s grace_seconds=%.1f", sorted(kept), self.proxy_grace)
+        return kept
+
+    async def expire_restored_proxies(self) -> None:
+        """After the grace period, registrations of the previous run that no proxy renewed go."""
+        await asyncio.sleep(self.proxy_grace)
+        for port in sorted(self._restored_proxies):
+            log.warning("event=proxy-not-back port=%d (not registered again within the grace period)", port)
+            await self.unregister_proxy(port)
+
+
+def ct_alive(entry: maps.CTEntryC, proto: int, now_ns: int) -> bool:
+    """Whether a conntrack entry is within its timeout (the timeouts of bpf/lib/conntrack.h)."""
+    if proto != 6:
+        timeout = 60
+    elif entry.flags & maps.CT_F_CLOSING:
+        timeout = 10
+    elif entry.flags & maps.CT_F_REPLY_SEEN:
+        timeout = 21600
+    else:
+        timeout = 60
+    return now_ns - int(entry.last_seen) <= timeout * 1_000_000_000
 
 
 def filter_labels(labels: Mapping[str, str]) -> list[str]:

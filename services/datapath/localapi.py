@@ -18,7 +18,18 @@ Requests (the answer to each is a JSON object with "ok"; an error has "error"):
       (the L7 rules of every direction that redirects this traffic, for the HTTP proxy to apply and
        cache while the datapath's policy revision stays N; see Agent.l7_policy)
   {"op": "flows", "flows": [{...}, ...]}                               -> {"ok": true, "count": 2}  (flow, batched)
-The answer to `allow_fqdn` is sent only after the maps are written.
+For the DNS proxy:
+  {"op": "dns_policy", "src": "10.0.1.20", "dst": "10.0.0.10"}        -> {"ok": true, "ready": ..., "generation": 7,
+      "src": {peer}|null, "dst": {peer}, "enforced": ..., "filters": [...], "fqdn_selectors": [...]}
+      (everything needed to judge queries from src to the server dst locally: Agent.dns_policy)
+  {"op": "peer", "ip": "10.0.0.10"}                                    -> {"ok": true, "identity": ..., "labels": [...],
+                                                                           "namespace": ..., "pod_name": ..., "id": ...}
+  {"op": "fqdn_list"}                                                  -> {"ok": true, "ips": {"198.51.100.10": [names]}}
+  {"op": "watch"}                    -> {"ok": true, "generation": 7}, then {"generation": 8} ... whenever it changes;
+                                        the connection does nothing else afterwards (a registration made on it
+                                        earlier lasts as long as it stays open)
+The answer to `allow_fqdn` is sent only after the maps are written. An agent that shuts down keeps
+the proxies' registrations (it restores them at start); only a proxy's own disconnect ends one.
 """
 
 from __future__ import annotations
@@ -30,9 +41,10 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.datapath.agent import Agent
+if TYPE_CHECKING:  # the proxies import this module for `socket_path`: it stays light to import
+    from services.datapath.agent import Agent
 
 log = logging.getLogger("cilia.datapath.localapi")
 
@@ -116,7 +128,33 @@ async def handle(
         ip = str(request.get("ip"))
         ident = agent.identity_of_ip(ip)
         return {"ok": True, "identity": ident, "labels": agent.identity_labels(ident)}
+    if op == "dns_policy":
+        return agent.dns_policy(str(request["src"]), str(request["dst"]))
+    if op == "peer":
+        return {"ok": True, **agent.peer_info(str(request["ip"]))}
+    if op == "fqdn_list":
+        return {"ok": True, "ips": agent.fqdn_ips()}
     return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+async def _watch(agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Stream the agent's generation on this connection until the client goes away."""
+    seen = agent.generation
+    writer.write(json.dumps({"ok": True, "generation": seen}).encode() + b"\n")
+    await writer.drain()
+    gone = asyncio.ensure_future(reader.read(1))  # b"" (or an error) when the client closes
+    try:
+        while True:
+            changed = asyncio.ensure_future(agent.wait_generation(seen))
+            done, _ = await asyncio.wait({gone, changed}, return_when=asyncio.FIRST_COMPLETED)
+            if gone in done:
+                changed.cancel()
+                return
+            seen = changed.result()
+            writer.write(json.dumps({"generation": seen}).encode() + b"\n")
+            await writer.drain()
+    finally:
+        gone.cancel()
 
 
 async def serve(agent: Agent, path: Path, on_flow: FlowSink | None = None) -> asyncio.AbstractServer:
@@ -125,26 +163,45 @@ async def serve(agent: Agent, path: Path, on_flow: FlowSink | None = None) -> as
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
 
+    # Connections holding each port's registration: a proxy restarted by starting the new process
+    # before stopping the old one (both bound with SO_REUSEPORT) never loses its redirect.
+    holders: dict[int, int] = {}
+
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A proxy's registration lives as long as its connection: if the proxy dies, its
         # redirects fail closed again.
         registered: set[int] = set()
+        shutting_down = False
         try:
             while line := await reader.readline():
                 try:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("a request is a JSON object")
+                    if request.get("op") == "watch":
+                        await _watch(agent, reader, writer)
+                        break
+                    before = set(registered)
                     answer = await handle(agent, request, registered, on_flow)
+                    for port in registered - before:
+                        holders[port] = holders.get(port, 0) + 1
                 except Exception as err:
                     answer = {"ok": False, "error": f"{type(err).__name__}: {err}"}
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
+        except asyncio.CancelledError:
+            # The agent is shutting down, not the proxy: its redirects stay (restored at start).
+            shutting_down = True
+            raise
         finally:
             writer.close()
             for port in registered:
+                holders[port] = holders.get(port, 1) - 1
+                if holders[port] > 0 or shutting_down:
+                    continue
+                del holders[port]
                 with contextlib.suppress(Exception):
                     await agent.unregister_proxy(port)
 

@@ -51,6 +51,9 @@ def ruleset(ports: Mapping[int, ProxyPort], node_ip: str) -> str:
             mangle.append(
                 f"    {match} meta l4proto {{ tcp, udp }} tproxy ip to 127.0.0.1:{port} meta mark set {TPROXY_MARK:#x} accept"
             )
+            # tproxy finds no socket (the proxy is restarting): the packet would go on to the real
+            # destination unjudged. Fail closed instead.
+            mangle.append(f"    {match} counter drop")
         else:
             nat.append(f"    {match} meta l4proto tcp dnat ip to {node_ip}:{port}")
     return "\n".join(

@@ -591,3 +591,16 @@ def l7proxy(node: Node, tmp_path: _Path, l7proxy_settings: dict[str, str]) -> It
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture
+def dnsproxy(node: Node, tmp_path: _Path) -> Iterator[_Any]:
+    """The node's DNS proxy (tests/e2e/dns_harness.py), registered with the agent; stopped after."""
+    from dns_harness import DNSProxyProcess
+
+    proxy = DNSProxyProcess(node, tmp_path)
+    try:
+        proxy.start()
+        yield proxy
+    finally:
+        proxy.stop()

@@ -94,3 +94,19 @@ def test_the_l7proxy_runs_beside_the_datapath_on_the_host_network_with_the_node_
     assert proxy["environment"]["CILIA_HTTP_ADDR"] == "127.0.0.1:9105"
     assert proxy["depends_on"]["datapath"]["condition"] == "service_healthy"
     assert any("/healthz" in part for part in proxy["healthcheck"]["test"])
+
+
+def test_the_dns_proxy_runs_beside_the_datapath_on_the_host_network() -> None:
+    services = model()["services"]
+    proxy, dp = services["dnsproxy"], services["datapath"]
+    assert proxy["command"] == ["python", "-m", "services.dnsproxy"]
+    assert proxy["network_mode"] == "host"
+    assert {"NET_ADMIN"} <= set(proxy["cap_add"])  # IP_TRANSPARENT sockets and SO_MARK
+    # The same node, the node-local socket and state the datapath uses; never the kvstore for FQDNs.
+    assert proxy["environment"]["CILIA_NODE"] == dp["environment"]["CILIA_NODE"]
+    assert proxy["environment"]["CILIA_STATE_DIR"] == dp["environment"]["CILIA_STATE_DIR"]
+    targets = {v["target"] for v in proxy["volumes"]}
+    assert {"/run/cilia", "/var/lib/cilia", "/etc/cilia"} <= targets
+    assert proxy["environment"]["CILIA_HTTP_ADDR"] == "127.0.0.1:9104"
+    assert "datapath" in proxy["depends_on"]
+    assert any("/healthz" in part for part in proxy["healthcheck"]["test"])

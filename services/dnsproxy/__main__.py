@@ -1,0 +1,3 @@
+from services.dnsproxy.main import main
+
+main()
