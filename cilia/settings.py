@@ -22,6 +22,7 @@ SERVICE_PORTS: dict[str, int] = {
     "dnsproxy": 9104,
     "l7proxy": 9105,
     "lbipam": 9106,
+    "announcer": 9107,
 }
 # The role each service authenticates as (ARCHITECTURE.md §10).
 SERVICE_ROLES: dict[str, str] = {
@@ -31,6 +32,7 @@ SERVICE_ROLES: dict[str, str] = {
     "datapath": "agent",
     "dnsproxy": "agent",
     "l7proxy": "agent",
+    "announcer": "agent",
 }
 
 
