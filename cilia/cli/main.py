@@ -81,7 +81,19 @@ def cli(ctx: click.Context, /, token: str | None, **urls: str | None) -> None:
 
 
 def register() -> None:
-    from cilia.cli import auth, bpf, cluster, endpoint, identity, observe, policy, resources, status
+    from cilia.cli import (
+        auth,
+        bpf,
+        cluster,
+        endpoint,
+        identity,
+        lbipam,
+        observe,
+        policy,
+        resources,
+        service,
+        status,
+    )
 
     cli.add_command(policy.policy)
     cli.add_command(resources.apply)
@@ -93,6 +105,8 @@ def register() -> None:
     cli.add_command(bpf.bpf)
     cli.add_command(cluster.cluster)
     cli.add_command(cluster.node)
+    cli.add_command(lbipam.lbipam)
+    cli.add_command(service.service)
 
 
 def main() -> None:
