@@ -28,7 +28,7 @@ EXPORT_POLICY = "cilia-export"
 
 def _api() -> tuple[Any, Any, Any]:
     try:
-        from gobgpapi import attribute_pb2, gobgp_pb2, gobgp_pb2_grpc
+        from gobgpapi import attribute_pb2, gobgp_pb2, gobgp_pb2_grpc  # type: ignore[import-untyped]
     except ImportError:
         raise RuntimeError(
             "gobgpd's API client is missing: run `make bootstrap` (scripts/gen_gobgp_api.py generates it)"
@@ -58,7 +58,7 @@ class GoBGP:
         self._policy_key: object = None
 
     async def start(self) -> None:
-        import grpc
+        import grpc  # type: ignore[import-untyped]
 
         pb, _, pb_grpc = _api()
         self.port = _free_port()
@@ -79,9 +79,13 @@ class GoBGP:
                     raise RuntimeError("gobgpd's API did not answer within 10 s") from None
                 await asyncio.sleep(0.05)
         await self.stub.StartBgp(
-            pb.StartBgpRequest(**{"global": pb.Global(asn=self.asn, router_id=self.router_id, listen_port=-1)})
+            pb.StartBgpRequest(
+                **{"global": pb.Global(asn=self.asn, router_id=self.router_id, listen_port=-1)}
+            )
         )
-        log.info("event=bgp-router-started asn=%d router_id=%s api_port=%d", self.asn, self.router_id, self.port)
+        log.info(
+            "event=bgp-router-started asn=%d router_id=%s api_port=%d", self.asn, self.router_id, self.port
+        )
 
     async def stop(self) -> None:
         """Stop the router: peers get a CEASE notification, then the process ends."""
@@ -108,7 +112,7 @@ class GoBGP:
     def _peer(self, n: Neighbor) -> Any:
         pb, _, _ = _api()
         families = []
-        for afi, safi in n.families:
+        for afi, _safi in n.families:  # unicast only (the models refuse others)
             fam = pb.Family(
                 afi=pb.Family.AFI_IP if afi == "ipv4" else pb.Family.AFI_IP6, safi=pb.Family.SAFI_UNICAST
             )
@@ -144,7 +148,7 @@ class GoBGP:
 
     def _path(self, prefix: str) -> Any:
         pb, attr, _ = _api()
-        from google.protobuf.any_pb2 import Any as PbAny
+        from google.protobuf.any_pb2 import Any as PbAny  # type: ignore[import-untyped]
 
         net = ipaddress.ip_network(prefix)
         nlri = PbAny()
@@ -182,7 +186,8 @@ class GoBGP:
         key = tuple(sorted((p, tuple(sorted(a.items()))) for p, a in self.routes.items()))
         if key == self._policy_key:
             return False
-        sets, statements = [], []
+        sets: list[Any] = []
+        statements: list[Any] = []
         neighbor_sets: set[str] = set()
         for i, (prefix, per_neighbor) in enumerate(sorted(self.routes.items())):
             net = ipaddress.ip_network(prefix)
@@ -196,14 +201,22 @@ class GoBGP:
                             defined_type=pb.PREFIX,
                             name=pname,
                             prefixes=[
-                                pb.Prefix(ip_prefix=prefix, mask_length_min=net.prefixlen, mask_length_max=net.prefixlen)
+                                pb.Prefix(
+                                    ip_prefix=prefix,
+                                    mask_length_min=net.prefixlen,
+                                    mask_length_max=net.prefixlen,
+                                )
                             ],
                         )
                     )
                 if nname not in neighbor_sets:
                     neighbor_sets.add(nname)
                     host = ipaddress.ip_address(address)
-                    sets.append(pb.DefinedSet(defined_type=pb.NEIGHBOR, name=nname, list=[f"{host}/{host.max_prefixlen}"]))
+                    sets.append(
+                        pb.DefinedSet(
+                            defined_type=pb.NEIGHBOR, name=nname, list=[f"{host}/{host.max_prefixlen}"]
+                        )
+                    )
                 actions = pb.Actions(route_action=pb.ACCEPT)
                 if attrs.communities:
                     actions.community.CopyFrom(

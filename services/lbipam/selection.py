@@ -19,17 +19,11 @@ from cilia.models.services import (
     community_pair,
 )
 
-HOSTNAME_LABEL = "kubernetes.io/hostname"
 # Cilium's own words (pkg/bgpv1/agent/controller.go), so operators find them in its docs.
 ERR_MULTIPLE_POLICIES = (
     "more then one CiliumBGPPeeringPolicy applies to this node, please ensure only a single Policy "
     "matches this node's labels"
 )
-
-
-def node_labels(node: str, extra: Mapping[str, str]) -> dict[str, str]:
-    """A node's labels: `kubernetes.io/hostname=<node>` (as every Kubernetes node has) and its own."""
-    return {HOSTNAME_LABEL: node, **extra}
 
 
 def has_ready_local_backend(svc: Service, endpoints: Iterable[Mapping[str, object]]) -> bool:
@@ -200,7 +194,9 @@ def bgp_desired(
 ) -> BGPDesired:
     """The routers of this node. Exactly one policy may select a node: with several, none applies
     and every session is cleared (Cilium's ErrMultiplePolicies)."""
-    chosen = sorted((p for p in policies if p.selects_node(dict(labels))), key=lambda p: p.metadata.name or "")
+    chosen = sorted(
+        (p for p in policies if p.selects_node(dict(labels))), key=lambda p: p.metadata.name or ""
+    )
     if not chosen:
         return BGPDesired()
     if len(chosen) > 1:
@@ -223,17 +219,17 @@ def bgp_desired(
         for svc in services:
             if not vr.selects_service(svc):
                 continue
-            local_only = svc.spec.externalTrafficPolicy == "Local"
-            if "LoadBalancerIP" in kinds and svc.spec.type == "LoadBalancer":
-                if not (local_only and not ready_local.get(svc.key, False)):
-                    for ip in svc.lb_ips():
-                        pool = pool_of(ip, pools)
-                        pool_labels = pool.metadata.labels if pool is not None else None
-                        routes[_host_prefix(ip)] = {
-                            n.address: _attributes(n, "CiliumLoadBalancerIPPool", pool_labels)
-                            for n in vr.neighbors
-                        }
-            if "ExternalIP" in kinds and not (local_only and not ready_local.get(svc.key, False)):
+            # externalTrafficPolicy: Local is advertised only from nodes with a ready local backend.
+            external_ok = svc.spec.externalTrafficPolicy != "Local" or ready_local.get(svc.key, False)
+            if "LoadBalancerIP" in kinds and svc.spec.type == "LoadBalancer" and external_ok:
+                for ip in svc.lb_ips():
+                    pool = pool_of(ip, pools)
+                    pool_labels = pool.metadata.labels if pool is not None else None
+                    routes[_host_prefix(ip)] = {
+                        n.address: _attributes(n, "CiliumLoadBalancerIPPool", pool_labels)
+                        for n in vr.neighbors
+                    }
+            if "ExternalIP" in kinds and external_ok:
                 for ip in svc.spec.externalIPs or []:
                     routes.setdefault(_host_prefix(ip), {n.address: PathAttributes() for n in vr.neighbors})
             if "ClusterIP" in kinds and svc.spec.clusterIP:
