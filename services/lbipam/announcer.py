@@ -90,7 +90,7 @@ class State:
 
     def ready_local(self) -> dict[str, bool]:
         eps = list(self.endpoints.values())
-        return {key: has_ready_local_backend(svc, eps) for key, svc in self.services.items()}
+        return {svc.key: has_ready_local_backend(svc, eps) for svc in self.services.values()}
 
 
 class Speaker:
