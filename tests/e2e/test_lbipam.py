@@ -496,9 +496,12 @@ def test_the_cluster_runs_lbipam_and_an_announcer_on_every_node(lbcluster: Clust
         "AVAILABLE",
         "AGE",
     ]
-    assert ["cli", "false", "False", "10"] == next(
-        r.split() for r in out.stdout.splitlines() if r.startswith("cli ")
-    )[:4]
+    assert next(r.split() for r in out.stdout.splitlines() if r.startswith("cli "))[:4] == [
+        "cli",
+        "false",
+        "False",
+        "10",
+    ]
     text = textwrap.dedent(
         f"""
         apiVersion: v1
