@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # The package's console script always exits 0; its bundled binary is the real `docker compose`.
 COMPOSE = Path(compose.__file__).parent / "docker-compose"
-CLUSTER_SERVICES = ("identity", "policy")
+CLUSTER_SERVICES = ("identity", "policy", "lbipam")
 
 
 def compose_config(
@@ -82,3 +82,15 @@ def test_the_datapath_runs_privileged_on_the_host_network_with_bpffs_and_netns()
     assert {"/sys/fs/bpf", "/run/netns", "/run/cilia", "/lib/modules", "/usr/src"} <= targets
     assert dp["environment"]["CILIA_NATS_URL"] == "nats://127.0.0.1:4222"
     assert any("/readyz" in part for part in dp["healthcheck"]["test"])
+
+
+def test_the_announcer_runs_on_the_host_network_with_raw_sockets_next_to_the_datapath() -> None:
+    services = model()["services"]
+    ann = services["announcer"]
+    assert ann["command"] == ["python", "-m", "services.lbipam.announcer"]
+    assert ann["network_mode"] == "host"
+    assert {"NET_ADMIN", "NET_RAW"} <= set(ann["cap_add"])
+    assert ann["environment"]["CILIA_NODE"] == services["datapath"]["environment"]["CILIA_NODE"]
+    assert ann["environment"]["CILIA_NATS_URL"] == "nats://127.0.0.1:4222"
+    assert any("/readyz" in part for part in ann["healthcheck"]["test"])
+    assert services["lbipam"]["environment"]["CILIA_SERVICE_CIDR"] == "10.96.0.0/16"
