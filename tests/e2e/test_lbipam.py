@@ -533,13 +533,8 @@ def _write(c: ClusterHarness, text: str) -> Path:
     return path
 
 
-@pytest.mark.xfail(
-    reason="needs the service datapath of issue 9 (LB IP -> backend on the node's uplink), which is "
-    "not on this branch; strict: remove this mark when the datapath lands and the test passes",
-    strict=True,
-    raises=AssertionError,
-)
 def test_curl_from_outside_to_the_lb_ip_reaches_a_deathstar_backend(lbcluster: ClusterHarness) -> None:
+    """ARP from this branch, load balancing from the datapath's program on the elected node's uplink."""
     c = lbcluster
     outside = Outside(c, "o3", 243)
     try:
