@@ -498,7 +498,7 @@ class LBIPAMStore:
         pools: list[Pool],
         allocs: dict[str, tuple[Allocation, int]],
         claims: list[str],
-    ) -> tuple[dict[str, Any], list[str]]:
+    ) -> tuple[dict[str, Any] | None, list[str]]:
         """The service's new status, and the addresses it must leave once that status is written.
         New memberships are made here (and listed in `claims`)."""
         skey = svc.key
@@ -506,14 +506,35 @@ class LBIPAMStore:
         conditions = [c for c in status.get("conditions") or [] if isinstance(c, dict)]
         current = svc.lb_ips()
         generation = doc.get("metadata", {}).get("generation")
-        if not svc.wants_lbipam():
-            drop = [ip for ip in current if ip in allocs and skey in allocs[ip][0].members]
-            # Memberships that never reached the status (ours, not committed): leave them too.
-            drop += [ip for ip, (a, _) in allocs.items() if skey in a.members and ip not in drop]
-            new_status: dict[str, Any] = {"loadBalancer": {}}
-            rest = [c for c in conditions if c.get("type") != ipam.SATISFIED]
+        if not pools or not svc.wants_lbipam():
+            # Not ours to serve: a service of another type or load balancer class (Cilium leaves it
+            # alone), or LB-IPAM dormant, as Cilium's is until the first pool exists. Only what this
+            # service got from LB-IPAM is taken back, with LB-IPAM's condition; the rest stays.
+            ours = [ip for ip in current if ip in allocs and skey in allocs[ip][0].members]
+            drop = ours + [ip for ip, (a, _) in allocs.items() if skey in a.members and ip not in ours]
+            mine = any(c.get("type") == ipam.SATISFIED for c in conditions)
+            wants = svc.wants_lbipam()
+            if not ours and not (mine and not wants):
+                return doc.get("status"), drop
+            lb = dict(status.get("loadBalancer") or {})
+            ingress = [i for i in lb.get("ingress") or [] if i.get("ip") not in ours]
+            lb = {**lb, "ingress": ingress} if ingress else {k: v for k, v in lb.items() if k != "ingress"}
+            new_status = {**status, "loadBalancer": lb}
+            if wants:  # its last pool went: say so, as Cilium does before it goes dormant
+                rest = set_condition(
+                    conditions,
+                    ipam.SATISFIED,
+                    "False",
+                    "no_pool",
+                    "There are no enabled CiliumLoadBalancerIPPools that match this service",
+                    generation,
+                )
+            else:
+                rest = [c for c in conditions if c.get("type") != ipam.SATISFIED]
             if rest:
                 new_status["conditions"] = rest
+            else:
+                new_status.pop("conditions", None)
             return new_status, drop
         by_name = {p.name: p for p in pools}
         keep: list[str] = []
@@ -522,7 +543,19 @@ class LBIPAMStore:
         members_cache: dict[str, dict[str, Service]] = {}
         for ip in current:
             hit = allocs.get(ip)
-            if hit is None or skey not in hit[0].members:
+            if hit is None:
+                # An address someone else put in the status: adopt it when a pool may give it to
+                # this service (Cilium's stripOrImportIngresses), else drop it.
+                one_v4 = not requested and any(ipaddress.ip_address(k).version == 4 for k in keep)
+                if (requested and ip not in requested) or one_v4:
+                    continue
+                found = ipam.find_range_of_ip(pools, svc, ip)
+                if found.range is not None:
+                    with contextlib.suppress(_Taken):
+                        await self._create(svc, ip, found.range.pool, claims)
+                        keep.append(ip)
+                continue
+            if skey not in hit[0].members:
                 continue  # not ours (any more): simply not kept
             alloc = hit[0]
             pool = by_name.get(alloc.pool)

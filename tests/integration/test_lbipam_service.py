@@ -424,3 +424,25 @@ async def test_two_lbipam_services_share_the_work_and_agree(
         return not ips(d) and condition(d)["reason"] == "no_pool"
 
     await eventually(pending, what="the service losing its address with its pool")
+
+
+async def test_without_pools_lbipam_is_dormant_and_an_ingress_in_a_pool_is_adopted(lb: LBIPAMStore) -> None:
+    # A Service written straight to the kvstore with an address set by someone else (as the datapath
+    # tests do): with no pool LB-IPAM leaves it alone, as Cilium's dormant LB-IPAM does.
+    doc = service("static")
+    doc["spec"]["clusterIP"] = "10.96.9.9"
+    doc["status"] = {"loadBalancer": {"ingress": [{"ip": "198.18.0.10"}]}}
+    await lb.kv.put(lb.service_key("default", "static"), json.dumps(doc).encode())
+    await lb.reconcile()
+    assert ips(await svc(lb, "static")) == ["198.18.0.10"]
+    assert "conditions" not in (await svc(lb, "static"))["status"]
+    # Once a pool holds that address, LB-IPAM adopts it (Cilium's import of existing ingresses)...
+    await lb.apply_text(text(pool("p", {"cidr": "198.18.0.0/24"})))
+    assert ips(await svc(lb, "static")) == ["198.18.0.10"]
+    assert [a.ip for a in await lb.allocations()] == ["198.18.0.10"]
+    assert condition(await svc(lb, "static"))["status"] == "True"
+    # ...and when the last pool goes, takes it back and says why.
+    await lb.delete("CiliumLoadBalancerIPPool", "p")
+    doc = await svc(lb, "static")
+    assert ips(doc) == [] and condition(doc)["reason"] == "no_pool"
+    assert await lb.allocations() == []
