@@ -11,6 +11,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       python3 python3-venv python3-bpfcc python3-pyroute2 \
       iproute2 nftables ca-certificates curl \
+      gobgpd golang-github-osrg-gobgp-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/cilia
@@ -21,7 +22,9 @@ RUN python3 -m venv --system-site-packages .venv \
 COPY cilia ./cilia
 COPY services ./services
 COPY examples ./examples
-RUN .venv/bin/pip install --no-deps .
+COPY scripts ./scripts
+RUN .venv/bin/pip install --no-deps . \
+ && .venv/bin/python scripts/gen_gobgp_api.py
 
 # No credentials are baked in: `cilia auth init` writes them into a volume at first start.
 USER root

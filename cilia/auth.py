@@ -152,7 +152,7 @@ def permissions(role: str) -> dict[str, Any]:
             f"$JS.API.STREAM.CREATE.{bus.FLOWS_STREAM}",
             f"$JS.API.STREAM.UPDATE.{bus.FLOWS_STREAM}",
         ]
-        for b in (bus.BUCKET_ENDPOINTS, bus.BUCKET_IPCACHE, bus.BUCKET_NODES):
+        for b in (bus.BUCKET_ENDPOINTS, bus.BUCKET_IPCACHE, bus.BUCKET_NODES, bus.BUCKET_LEASES):
             pub += _kv_write(b)
         for b in (bus.BUCKET_POLICIES, bus.BUCKET_IDENTITIES, bus.BUCKET_SERVICES, bus.BUCKET_LBIPAM):
             pub += _kv_read(b)

@@ -51,6 +51,8 @@ BUCKET_IPCACHE = "ipcache"
 BUCKET_SERVICES = "services"
 BUCKET_LBIPAM = "lbipam"
 BUCKET_NODES = "nodes"
+# Leader leases of node agents (L2 announcements: `leases/l2announce/<ns>/<name>`): agents write them.
+BUCKET_LEASES = "leases"
 BUCKETS = (
     BUCKET_IDENTITIES,
     BUCKET_POLICIES,
@@ -59,6 +61,7 @@ BUCKETS = (
     BUCKET_SERVICES,
     BUCKET_LBIPAM,
     BUCKET_NODES,
+    BUCKET_LEASES,
 )
 
 M = TypeVar("M", bound=BaseModel)

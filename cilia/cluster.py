@@ -46,6 +46,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/cilia/cluster")
 DEFAULT_UNDERLAY = IPv4Network("10.250.0.0/24")
 DEFAULT_POD_CIDRS = IPv4Network("10.200.0.0/16")
 DATAPATH_PORT = 9103
+ANNOUNCER_PORT = 9107
 UNDERLAY_MTU = 9000  # room for the VXLAN header: pods keep an MTU of 1500
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 NODE_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -65,10 +66,15 @@ class NodeState:
     pod_cidr: str
     uplink: str  # the root-namespace end of the node's uplink veth
     processes: dict[str, int] = field(default_factory=dict)  # role -> pid
+    labels: dict[str, str] = field(default_factory=dict)  # CILIA_NODE_LABELS of its agents
 
     @property
     def api(self) -> str:
         return f"http://{self.ip}:{DATAPATH_PORT}"
+
+    @property
+    def announcer_api(self) -> str:
+        return f"http://{self.ip}:{ANNOUNCER_PORT}"
 
 
 @dataclass
@@ -122,6 +128,8 @@ class ClusterState:
             "CILIA_POLICY_URL": self.urls["policy"],
             "CILIA_CLUSTER_DIR": self.state_dir,
         }
+        if "lbipam" in self.urls:
+            out["CILIA_LBIPAM_URL"] = self.urls["lbipam"]
         if self.kvstore != "nats":
             out["CILIA_KVSTORE"] = self.kvstore_url
         if first is not None:
@@ -245,8 +253,11 @@ class LocalCluster:
         pod_cidrs: IPv4Network | str = DEFAULT_POD_CIDRS,
         lease_seconds: int = 15,
         extra_env: Mapping[str, str] | None = None,
+        node_labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> ClusterState:
-        """Build the cluster and wait until every part is ready; on failure remove what was made."""
+        """Build the cluster and wait until every part is ready; on failure remove what was made.
+
+        `node_labels` gives nodes (by short or full name) labels that L2 and BGP nodeSelectors match."""
         if os.geteuid() != 0:
             raise ClusterError("a local cluster needs root (namespaces, links, BPF)")
         if not NAME_RE.match(name):
@@ -303,7 +314,9 @@ class LocalCluster:
             self._control_plane(state, creds, extra_env or {})
             state.save()
             for n in names:
-                self._add_node(state, n, extra_env or {})
+                brief = n.removeprefix(f"{name}-")
+                labels = dict((node_labels or {}).get(n) or (node_labels or {}).get(brief) or {})
+                self._add_node(state, n, extra_env or {}, labels)
                 state.save()
             for node in state.nodes.values():
                 self._wait_node(state, node)
@@ -389,7 +402,7 @@ class LocalCluster:
                 pid=pid,
             )
         env = {**self._common_env(state), **extra}
-        for role in ("identity", "policy"):
+        for role in ("identity", "policy", "lbipam"):
             port = _free_port(gw)
             state.urls[role] = f"http://{gw}:{port}"
             pid = self._spawn(
@@ -399,7 +412,7 @@ class LocalCluster:
                 {**env, "CILIA_HTTP_ADDR": f"{gw}:{port}"},
             )
             state.processes[role] = pid
-        for role in ("identity", "policy"):
+        for role in ("identity", "policy", "lbipam"):
             _wait(
                 f"the {role} service",
                 lambda r=role: _ready(state.urls[r]),
@@ -413,20 +426,28 @@ class LocalCluster:
         """`node2` or `<cluster>-node2` -> the node's full name."""
         return node if node.startswith(f"{state.name}-") else f"{state.name}-{node}"
 
-    def add_node(self, node: str, extra_env: Mapping[str, str] | None = None) -> NodeState:
-        """Add a node (`worker3` becomes `<cluster>-worker3`) and wait until its agent is ready."""
+    def add_node(
+        self, node: str, extra_env: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None
+    ) -> NodeState:
+        """Add a node (`worker3` becomes `<cluster>-worker3`) and wait until its agents are ready."""
         state = self.state()
         node = self.node_name(state, node)
         if not NODE_RE.match(node):
             raise ClusterError(f"node name {node!r}: lower-case letters, digits and '-', at most 24")
         if node in state.nodes:
             raise ClusterError(f"node {node} exists already")
-        n = self._add_node(state, node, extra_env or {})
+        n = self._add_node(state, node, extra_env or {}, dict(labels or {}))
         state.save()
         self._wait_node(state, n)
         return n
 
-    def _add_node(self, state: ClusterState, node: str, extra: Mapping[str, str]) -> NodeState:
+    def _add_node(
+        self,
+        state: ClusterState,
+        node: str,
+        extra: Mapping[str, str],
+        labels: Mapping[str, str] | None = None,
+    ) -> NodeState:
         used = {n.index for n in state.nodes.values()}
         index = next(i for i in range(1, 250) if i not in used)
         net = IPv4Network(state.underlay)
@@ -442,6 +463,7 @@ class LocalCluster:
             ip=ip,
             pod_cidr=str(pod_cidr),
             uplink=f"{state.name}-u{index}",
+            labels=dict(labels or {}),
         )
         state.nodes[node] = n
         state.save()
@@ -464,6 +486,7 @@ class LocalCluster:
             "CILIA_POD_CIDR": str(pod_cidr),
             "CILIA_STATE_DIR": str(state.dir / "nodes"),
             "CILIA_NODE_LEASE_SECONDS": str(state.lease_seconds),
+            "CILIA_NODE_LABELS": ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
             **extra,
         }
         n.processes["datapath"] = self._spawn(
@@ -471,6 +494,14 @@ class LocalCluster:
             f"{node}-datapath",
             [sys.executable, "-m", "services.datapath"],
             {**env, "CILIA_HTTP_ADDR": f"{ip}:{DATAPATH_PORT}"},
+            netns=n.netns,
+        )
+        # The node's L2/BGP announcer (LB-IPAM's per-node half), in the node like its datapath.
+        n.processes["announcer"] = self._spawn(
+            state,
+            f"{node}-announcer",
+            [sys.executable, "-m", "services.lbipam.announcer"],
+            {**env, "CILIA_HTTP_ADDR": f"{ip}:{ANNOUNCER_PORT}"},
             netns=n.netns,
         )
         return n
@@ -482,6 +513,13 @@ class LocalCluster:
             state.dir / "logs" / f"{node.name}-datapath.log",
             pid=node.processes.get("datapath", 0),
         )
+        if "announcer" in node.processes:
+            _wait(
+                f"the announcer of node {node.name}",
+                lambda: _ready(node.announcer_api),
+                state.dir / "logs" / f"{node.name}-announcer.log",
+                pid=node.processes.get("announcer", 0),
+            )
 
     def delete_node(self, node: str) -> None:
         """Stop a node's agents and remove its endpoints, namespace, links and pinned maps."""
@@ -560,7 +598,8 @@ class LocalCluster:
             )
         for n in state.nodes.values():
             for role, pid in n.processes.items():
-                ready = _ready(n.api) if role == "datapath" else process_alive(pid)
+                urls = {"datapath": n.api, "announcer": n.announcer_api}
+                ready = _ready(urls[role]) if role in urls else process_alive(pid)
                 rows.append(
                     {
                         "component": role,
@@ -579,7 +618,7 @@ class LocalCluster:
         state = self.state()
         for n in list(state.nodes.values()):
             self._remove_node(state, n)
-        for role in ("policy", "identity", "etcd", "nats"):
+        for role in ("lbipam", "policy", "identity", "etcd", "nats"):
             pid = state.processes.get(role)
             if pid:
                 _stop(pid)

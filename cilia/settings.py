@@ -22,6 +22,7 @@ SERVICE_PORTS: dict[str, int] = {
     "dnsproxy": 9104,
     "l7proxy": 9105,
     "lbipam": 9106,
+    "announcer": 9107,
 }
 # The role each service authenticates as (ARCHITECTURE.md §10).
 SERVICE_ROLES: dict[str, str] = {
@@ -31,6 +32,7 @@ SERVICE_ROLES: dict[str, str] = {
     "datapath": "agent",
     "dnsproxy": "agent",
     "l7proxy": "agent",
+    "announcer": "agent",
 }
 
 
@@ -46,6 +48,9 @@ class Settings(BaseSettings):
     token_file: Path | None = None
     anonymous_read: bool = False
     node: str = socket.gethostname()
+    # The node's labels, `k=v,k2=v2` (CILIA_NODE_LABELS): what nodeSelectors of L2 and BGP policies
+    # match, besides `kubernetes.io/hostname=<node>`. Node agents publish them in the node registry.
+    node_labels: str = ""
     nats_user: str | None = None
     nats_password: SecretStr | None = None
     log_level: str = "info"
@@ -70,6 +75,16 @@ class Settings(BaseSettings):
     @property
     def role(self) -> str:
         return SERVICE_ROLES.get(self.service, "service")
+
+    def node_label_map(self) -> dict[str, str]:
+        """The node's labels: `kubernetes.io/hostname=<node>` (as every Kubernetes node has) and
+        CILIA_NODE_LABELS (`k=v,k2=v2`)."""
+        out = {"kubernetes.io/hostname": self.node}
+        for part in self.node_labels.split(","):
+            if part.strip():
+                key, _, value = part.strip().partition("=")
+                out[key.strip()] = value.strip()
+        return out
 
     def describe(self) -> dict[str, Any]:
         """The settings as key=value pairs for the start-up log, secrets redacted."""

@@ -14,6 +14,7 @@ DEB_PACKAGES=(
   python3-venv python3-dev python3-bpfcc bpfcc-tools python3-pyroute2 linux-headers-amd64
   iproute2 nftables dnsutils curl arping iputils-ping iperf3 sockperf qperf wrk
   nginx-light nsd dnsperf etcd-server gobgpd bird2 tcpdump procps psmisc
+  golang-github-osrg-gobgp-dev
 )
 
 log() { printf 'bootstrap: %s\n' "$*"; }
@@ -91,10 +92,15 @@ make_venv() {
   echo "$want" >"$STAMP"
 }
 
+gobgp_api() {
+  # gobgpd's gRPC client, generated from Debian's .proto files (never committed); quick when current.
+  "$VENV/bin/python" scripts/gen_gobgp_api.py
+}
+
 check() {
   "$VENV/bin/python" - <<'PY'
 import importlib
-for mod in ("bcc", "pyroute2", "cilia"):
+for mod in ("bcc", "pyroute2", "cilia", "gobgpapi.gobgp_pb2_grpc"):
     importlib.import_module(mod)
 PY
 }
@@ -103,5 +109,6 @@ install_packages
 link_kernel_headers
 mount_bpffs
 make_venv
+gobgp_api
 check
 log "ready ($VENV)"

@@ -81,7 +81,20 @@ def cli(ctx: click.Context, /, token: str | None, **urls: str | None) -> None:
 
 
 def register() -> None:
-    from cilia.cli import auth, bpf, cluster, endpoint, fqdn, identity, observe, policy, resources, status
+    from cilia.cli import (
+        auth,
+        bpf,
+        cluster,
+        endpoint,
+        fqdn,
+        identity,
+        lbipam,
+        observe,
+        policy,
+        resources,
+        service,
+        status,
+    )
 
     cli.add_command(policy.policy)
     cli.add_command(resources.apply)
@@ -94,6 +107,8 @@ def register() -> None:
     cli.add_command(cluster.cluster)
     cli.add_command(cluster.node)
     cli.add_command(fqdn.fqdn)
+    cli.add_command(lbipam.lbipam)
+    cli.add_command(service.service)
 
 
 def main() -> None:

@@ -9,9 +9,10 @@ from cilia.cli.policy import read_input
 from cilia.errors import CiliaError
 from cilia.models.loader import POLICY_KINDS, load_documents, parse_documents
 from cilia.models.loader import document_name as doc_name
+from cilia.models.services import LBIPAM_KINDS
 
-# kind -> owning service; later services (lbipam: Service, pools, L2 and BGP policies) add theirs.
-OWNERS: dict[str, str] = {kind: "policy" for kind in POLICY_KINDS}
+# kind -> the service that owns it.
+OWNERS: dict[str, str] = {kind: "policy" for kind in POLICY_KINDS} | {kind: "lbipam" for kind in LBIPAM_KINDS}
 
 
 def apply_policies(client: Client, text: str) -> list[str]:
@@ -54,4 +55,9 @@ def apply(client: Client, filename: str) -> None:
         body = yaml.safe_dump_all(items, sort_keys=False)
         if service == "policy":
             for line in apply_policies(client, body):
+                click.echo(line)
+        elif service == "lbipam":
+            from cilia.cli.lbipam import apply_lbipam
+
+            for line in apply_lbipam(client, body):
                 click.echo(line)

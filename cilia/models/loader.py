@@ -18,18 +18,35 @@ from pydantic import BaseModel, ValidationError
 from cilia.errors import PolicyError, ResourceError
 from cilia.models.cilium import NOT_SUPPORTED, CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy
 from cilia.models.networking import NetworkPolicy
+from cilia.models.services import (
+    ALPHA,
+    CiliumBGPPeeringPolicy,
+    CiliumL2AnnouncementPolicy,
+    CiliumLoadBalancerIPPool,
+    Service,
+)
 from cilia.models.validation import validate_resource
 from cilia.models.workload import Endpoint, Identity
 
-# (apiVersion, kind) -> model. Later kinds (Service, pools, ...) register here too.
+# (apiVersion, kind) -> model.
 KINDS: dict[tuple[str, str], type[BaseModel]] = {
     ("cilium.io/v2", "CiliumNetworkPolicy"): CiliumNetworkPolicy,
     ("cilium.io/v2", "CiliumClusterwideNetworkPolicy"): CiliumClusterwideNetworkPolicy,
     ("networking.k8s.io/v1", "NetworkPolicy"): NetworkPolicy,
     ("cilia.io/v1", "Endpoint"): Endpoint,
     ("cilia.io/v1", "Identity"): Identity,
+    ("v1", "Service"): Service,
+    (ALPHA, "CiliumLoadBalancerIPPool"): CiliumLoadBalancerIPPool,
+    (ALPHA, "CiliumL2AnnouncementPolicy"): CiliumL2AnnouncementPolicy,
+    (ALPHA, "CiliumBGPPeeringPolicy"): CiliumBGPPeeringPolicy,
 }
-CLUSTER_SCOPED = {"CiliumClusterwideNetworkPolicy", "Identity"}
+CLUSTER_SCOPED = {
+    "CiliumClusterwideNetworkPolicy",
+    "Identity",
+    "CiliumLoadBalancerIPPool",
+    "CiliumL2AnnouncementPolicy",
+    "CiliumBGPPeeringPolicy",
+}
 POLICY_KINDS = {"CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy"}
 
 # Semantic checks run after a document parses; each raises PolicyError(path, message).
@@ -142,7 +159,9 @@ def resource_key(obj: BaseModel) -> tuple[str, str, str]:
 
 # --- pydantic errors -> one readable line each --------------------------------------------------
 
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)*): (.*)$", re.S)
+_FIELD_PREFIX = re.compile(
+    r"^((?:[A-Za-z_][A-Za-z0-9_]*|\[\d+\])(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*(?:\[\d+\])?)*): (.*)$", re.S
+)
 _TYPE_MESSAGES = {
     "model_type": "must be an object",
     "dict_type": "must be an object",
@@ -206,7 +225,8 @@ def _convert(err: ValidationError, document: str) -> ResourceError:
         msg = _message(e)
         m = _FIELD_PREFIX.match(msg)
         if m and not msg.startswith(NOT_SUPPORTED):
-            path = f"{path}.{m.group(1)}" if path else m.group(1)
+            sep = "" if m.group(1).startswith("[") or not path else "."
+            path = f"{path}{sep}{m.group(1)}"
             msg = m.group(2)
         if e.get("type") == "literal_error" and re.search(r"(from|to)Entities\[\d+\]$", path):
             msg = f"unsupported entity: {e.get('input')}"

@@ -124,3 +124,24 @@ def _scalar_text(value: Any) -> Any:
     if value is None:
         return ""
     return value
+
+
+def selector_matches(selector: LabelSelector | None, labels: dict[str, str], *, nil: bool = True) -> bool:
+    """Kubernetes label-selector semantics on plain labels; `nil` is what an absent selector means
+    (pools and L2 policies: everything; a BGP virtual router's serviceSelector: nothing)."""
+    if selector is None:
+        return nil
+    for key, value in (selector.matchLabels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for req in selector.matchExpressions or []:
+        present = req.key in labels
+        if req.operator == "In" and (not present or labels[req.key] not in (req.values or [])):
+            return False
+        if req.operator == "NotIn" and present and labels[req.key] in (req.values or []):
+            return False
+        if req.operator == "Exists" and not present:
+            return False
+        if req.operator == "DoesNotExist" and present:
+            return False
+    return True

@@ -280,6 +280,7 @@ def build(settings: DatapathSettings | None = None) -> Service:
             endpoints=len(agent.endpoints()),
             started=started,
             lease_seconds=settings.node_lease_seconds,
+            labels=settings.node_label_map(),
         )
 
     started = time.time()

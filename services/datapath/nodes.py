@@ -24,6 +24,7 @@ class NodeInfo(BaseModel):
     heartbeat: float = Field(default_factory=time.time, description="unix time of the last heartbeat")
     started: float = Field(default_factory=time.time)
     lease_seconds: int = 0
+    labels: dict[str, str] = Field(default_factory=dict, description="the node's labels (nodeSelectors)")
 
     def routing(self) -> tuple[str, str, str]:
         """What the datapath depends on (heartbeats that change nothing else cost nothing)."""

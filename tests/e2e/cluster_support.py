@@ -42,11 +42,23 @@ def _free_underlay() -> IPv4Network:
 
 
 class ClusterHarness:
-    def __init__(self, tmp: Path, nodes: int, lease_seconds: int = 6, kvstore: str = "nats") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        nodes: int,
+        lease_seconds: int = 6,
+        kvstore: str = "nats",
+        node_labels: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.name = f"c{os.getpid() % 10000}{next(_seq)}"
         self.lc = LocalCluster(tmp / self.name)
         self.state: ClusterState = self.lc.up(
-            nodes, name=self.name, underlay=_free_underlay(), lease_seconds=lease_seconds, kvstore=kvstore
+            nodes,
+            name=self.name,
+            underlay=_free_underlay(),
+            lease_seconds=lease_seconds,
+            kvstore=kvstore,
+            node_labels=node_labels,
         )
         self.token = auth.load(self.state.creds_file).tokens["admin"]
         self.records: dict[str, dict[str, Any]] = {}  # ns/name -> endpoint record (with "node")

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # The package's console script always exits 0; its bundled binary is the real `docker compose`.
 COMPOSE = Path(compose.__file__).parent / "docker-compose"
-CLUSTER_SERVICES = ("identity", "policy")
+CLUSTER_SERVICES = ("identity", "policy", "lbipam")
 
 
 def compose_config(
@@ -110,3 +110,15 @@ def test_the_dns_proxy_runs_beside_the_datapath_on_the_host_network() -> None:
     assert proxy["environment"]["CILIA_HTTP_ADDR"] == "127.0.0.1:9104"
     assert "datapath" in proxy["depends_on"]
     assert any("/healthz" in part for part in proxy["healthcheck"]["test"])
+
+
+def test_the_announcer_runs_on_the_host_network_with_raw_sockets_next_to_the_datapath() -> None:
+    services = model()["services"]
+    ann = services["announcer"]
+    assert ann["command"] == ["python", "-m", "services.lbipam.announcer"]
+    assert ann["network_mode"] == "host"
+    assert {"NET_ADMIN", "NET_RAW"} <= set(ann["cap_add"])
+    assert ann["environment"]["CILIA_NODE"] == services["datapath"]["environment"]["CILIA_NODE"]
+    assert ann["environment"]["CILIA_NATS_URL"] == "nats://127.0.0.1:4222"
+    assert any("/readyz" in part for part in ann["healthcheck"]["test"])
+    assert services["lbipam"]["environment"]["CILIA_SERVICE_CIDR"] == "10.96.0.0/16"

@@ -1,0 +1,3 @@
+from services.lbipam.main import main
+
+main()
