@@ -46,7 +46,10 @@ DEFAULT_STATE_DIR = Path("/var/lib/cilia/cluster")
 DEFAULT_UNDERLAY = IPv4Network("10.250.0.0/24")
 DEFAULT_POD_CIDRS = IPv4Network("10.200.0.0/16")
 DATAPATH_PORT = 9103
+DNSPROXY_PORT = 9104  # the DNS proxy's API (its DNS port is CILIA_TOFQDNS_PROXY_PORT, 10053)
+L7PROXY_PORT = 9105  # the HTTP proxy's API (it proxies on CILIA_PROXY_PORT, 15001)
 ANNOUNCER_PORT = 9107
+NODE_AGENTS = ("datapath", "dnsproxy", "l7proxy", "announcer")
 UNDERLAY_MTU = 9000  # room for the VXLAN header: pods keep an MTU of 1500
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 NODE_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -75,6 +78,23 @@ class NodeState:
     @property
     def announcer_api(self) -> str:
         return f"http://{self.ip}:{ANNOUNCER_PORT}"
+
+    @property
+    def dnsproxy_api(self) -> str:
+        return f"http://{self.ip}:{DNSPROXY_PORT}"
+
+    @property
+    def l7proxy_api(self) -> str:
+        return f"http://{self.ip}:{L7PROXY_PORT}"
+
+    def urls(self) -> dict[str, str]:
+        """The API of each of the node's agents, by role."""
+        return {
+            "datapath": self.api,
+            "dnsproxy": self.dnsproxy_api,
+            "l7proxy": self.l7proxy_api,
+            "announcer": self.announcer_api,
+        }
 
 
 @dataclass
@@ -496,14 +516,20 @@ class LocalCluster:
             {**env, "CILIA_HTTP_ADDR": f"{ip}:{DATAPATH_PORT}"},
             netns=n.netns,
         )
-        # The node's L2/BGP announcer (LB-IPAM's per-node half), in the node like its datapath.
-        n.processes["announcer"] = self._spawn(
-            state,
-            f"{node}-announcer",
-            [sys.executable, "-m", "services.lbipam.announcer"],
-            {**env, "CILIA_HTTP_ADDR": f"{ip}:{ANNOUNCER_PORT}"},
-            netns=n.netns,
-        )
+        # The node's proxies (they register with its datapath over the node-local socket) and its
+        # L2/BGP announcer (LB-IPAM's per-node half), all in the node like its datapath.
+        for role, module, port in (
+            ("dnsproxy", "services.dnsproxy", DNSPROXY_PORT),
+            ("l7proxy", "services.l7proxy", L7PROXY_PORT),
+            ("announcer", "services.lbipam.announcer", ANNOUNCER_PORT),
+        ):
+            n.processes[role] = self._spawn(
+                state,
+                f"{node}-{role}",
+                [sys.executable, "-m", module],
+                {**env, "CILIA_HTTP_ADDR": f"{ip}:{port}"},
+                netns=n.netns,
+            )
         return n
 
     def _wait_node(self, state: ClusterState, node: NodeState) -> None:
@@ -513,12 +539,24 @@ class LocalCluster:
             state.dir / "logs" / f"{node.name}-datapath.log",
             pid=node.processes.get("datapath", 0),
         )
-        if "announcer" in node.processes:
+        urls = node.urls()
+        for role in NODE_AGENTS[1:]:
+            if role in node.processes:
+                url = urls[role]
+                _wait(
+                    f"the {role} of node {node.name}",
+                    lambda url=url: _ready(url),
+                    state.dir / "logs" / f"{node.name}-{role}.log",
+                    pid=node.processes.get(role, 0),
+                )
+        if "dnsproxy" in node.processes or "l7proxy" in node.processes:
+            want = sum(role in node.processes for role in ("dnsproxy", "l7proxy"))
+            token = auth.load(state.creds_file).tokens.get("admin", "")
             _wait(
-                f"the announcer of node {node.name}",
-                lambda: _ready(node.announcer_api),
-                state.dir / "logs" / f"{node.name}-announcer.log",
-                pid=node.processes.get("announcer", 0),
+                f"the proxies of node {node.name} registering with its datapath",
+                lambda: _registered_proxies(node.api, token) >= want,
+                state.dir / "logs" / f"{node.name}-datapath.log",
+                pid=node.processes.get("datapath", 0),
             )
 
     def delete_node(self, node: str) -> None:
@@ -557,7 +595,7 @@ class LocalCluster:
 
     def restart(self, role: str, node: str | None = None, wait: bool = True) -> int:
         """Stop and start one process the way it was first started (`nats`, `identity`, `policy`,
-        `etcd`, or a node's `datapath`); returns its new pid."""
+        `etcd`, or a node's `datapath`, `dnsproxy`, `l7proxy`, `announcer`); returns its new pid."""
         state = self.state()
         node = self.node_name(state, node) if node else None
         key = f"{node}-{role}" if node else role
@@ -598,7 +636,7 @@ class LocalCluster:
             )
         for n in state.nodes.values():
             for role, pid in n.processes.items():
-                urls = {"datapath": n.api, "announcer": n.announcer_api}
+                urls = n.urls()
                 ready = _ready(urls[role]) if role in urls else process_alive(pid)
                 rows.append(
                     {
@@ -668,6 +706,16 @@ def _forget_node(state: ClusterState, node: str, bucket: str = "nodes") -> None:
 
     with contextlib.suppress(Exception):
         asyncio.run(forget())
+
+
+def _registered_proxies(api: str, token: str) -> int:
+    """How many proxies have registered with the datapath agent at `api`."""
+    req = urllib.request.Request(f"{api}/v1/datapath/status", headers={"authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return len(json.loads(r.read()).get("proxies") or {})
+    except (OSError, ValueError):
+        return 0
 
 
 def _ready_etcd(host: str, port: int) -> bool:

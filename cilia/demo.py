@@ -63,6 +63,7 @@ class Demo:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.client: Client | None = None
         self.endpoints: dict[str, dict[str, Any]] = {}
+        self.cleanup: list[list[str]] = []  # commands that undo what a story made outside the cluster
 
     @property
     def nodes(self) -> list[str]:
@@ -82,7 +83,7 @@ class Demo:
             print(f"  node {n.name:<12} netns {n.netns}, underlay {n.ip}, pods {n.pod_cidr}, agent {n.api}")
         print(f"  ready in {time.monotonic() - started:.1f}s")
         self.client = Client(
-            {"identity": st.urls["identity"], "policy": st.urls["policy"]},
+            {role: st.urls[role] for role in ("identity", "policy", "lbipam") if role in st.urls},
             auth.load(st.creds_file).tokens["admin"],
         )
 
@@ -160,31 +161,13 @@ class Demo:
 
     # --- the L7 step: each node's HTTP proxy ----------------------------------------------------
 
-    def start_l7proxies(self) -> None:
-        """Each node's L7 proxy, in the node's namespace beside its agent, registered with it."""
+    def show_l7proxies(self) -> None:
+        """Each node's L7 proxy runs beside its agent (the cluster started it): show that it registered."""
         assert self.state is not None
-        for name, n in self.state.nodes.items():
-            argv = ["nsenter", f"--net=/run/netns/{n.netns}", "--", sys.executable, "-m", "services.l7proxy"]
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(REPO),
-                "CILIA_NATS_URL": self.state.nats_url,
-                "CILIA_TOKEN_FILE": str(self.state.creds_file),
-                "CILIA_NODE": name,
-                "CILIA_HTTP_ADDR": f"{n.ip}:9105",
-                "CILIA_LOG_LEVEL": "warning",
-            }
-            log = (self.dir / f"{name}-l7proxy.log").open("wb")
-            self.procs.append(
-                subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            )
-        deadline = time.monotonic() + 30
-        for name in self.nodes:
-            while not self.node_client(name).request("datapath", "GET", "/v1/datapath/status").get("proxies"):
-                if time.monotonic() > deadline:
-                    raise CiliaError(f"the L7 proxy of node {name} did not register with its agent")
-                time.sleep(0.1)
-            print(f"  l7proxy on {name}: registered with its datapath agent, HTTP redirects go to it")
+        for name in self.state.nodes:
+            status = self.node_client(name).request("datapath", "GET", "/v1/datapath/status")
+            ports = ", ".join(sorted(status.get("proxies") or {}))
+            print(f"  {name}: l7proxy and dnsproxy registered with the datapath agent (proxy ports {ports})")
 
     def http(self, ship: str, method: str, path: str, target: str = "deathstar-1") -> None:
         ip = self.endpoints[target]["ip"]
@@ -239,6 +222,8 @@ class Demo:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        for cmd in reversed(self.cleanup):
+            subprocess.run(cmd, capture_output=True)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -289,8 +274,9 @@ def starwars(d: Demo) -> None:
     d.land("tiefighter", "deathstar-2")
     say("the flows: who was let in, who was dropped, and the rule that decided")
     d.flows(since)
+    services(d)
     say("L7: rule1 with an HTTP rule, tiefighter may only POST /v1/request-landing (each node's L7 proxy)")
-    d.start_l7proxies()
+    d.show_l7proxies()
     since = time.time()
     d.apply(EXAMPLES / "policies" / "starwars-l7.yaml")
     d.http("tiefighter", "POST", "/v1/request-landing")
@@ -298,6 +284,126 @@ def starwars(d: Demo) -> None:
     d.http("xwing", "POST", "/v1/request-landing")
     say("the HTTP flows: each request and its response, DROPPED for the 403")
     d.http_flows(since)
+
+
+def services(d: Demo) -> None:
+    """The deathstar behind its Service: a ClusterIP balanced in eBPF, a LoadBalancer IP from an
+    LB-IPAM pool, answered by ARP by one elected node, reached from a host outside the cluster."""
+    import re
+
+    from cilia.cli.output import table
+    from cilia.cli.service import service_list_rows, service_row
+
+    assert d.client is not None and d.state is not None
+    st = d.state
+    net = IPv4Network(st.underlay)
+    say("Services: the deathstar behind a ClusterIP and a LoadBalancer IP (LB-IPAM, L2 announcement)")
+    text = (EXAMPLES / "services" / "deathstar-lb.yaml").read_text()
+    prefix = str(net.network_address).rsplit(".", 1)[0]
+    text = text.replace("10.250.0.", f"{prefix}.")  # the pool lies on this demo's underlay
+    print(f"{DIM}$ cilia apply -f examples/services/deathstar-lb.yaml{RESET}")
+    reply = d.client.request("lbipam", "POST", "/v1/resources", content=text, content_type="application/yaml")
+    for c in reply.get("changes", []):
+        print(f"{c.get('kind', '').lower()}/{c.get('name', '')} {c.get('action', 'configured')}")
+
+    def svc() -> dict[str, Any]:
+        doc: dict[str, Any] = d.client.request(  # type: ignore[union-attr]
+            "lbipam", "GET", "/v1/resources/svc/deathstar", params={"namespace": "default"}
+        )
+        return doc
+
+    deadline = time.monotonic() + 20
+    while not ((svc().get("status") or {}).get("loadBalancer") or {}).get("ingress"):
+        if time.monotonic() > deadline:
+            raise CiliaError("the deathstar service got no LoadBalancer IP")
+        time.sleep(0.1)
+    doc = svc()
+    vip, lb_ip = doc["spec"]["clusterIP"], doc["status"]["loadBalancer"]["ingress"][0]["ip"]
+    print(f"{DIM}$ cilia service get{RESET}")
+    print(
+        table(
+            ("namespace", "name", "type", "cluster-ip", "external-ip", "port(s)", "age"), [service_row(doc)]
+        )
+    )
+    node = d.nodes[0]
+    deadline = time.monotonic() + 20
+    while True:
+        items = d.node_client(node).request("datapath", "GET", "/v1/services")["items"]
+        mine = [f for f in items if f["frontend"].startswith((f"{vip}:", f"{lb_ip}:"))]
+        if len(mine) == 2 and all(len(f["backends"]) == 2 for f in mine):
+            break
+        if time.monotonic() > deadline:
+            raise CiliaError(f"node {node} did not load-balance {vip} and {lb_ip} to both deathstars")
+        time.sleep(0.1)
+    print(f"{DIM}$ cilia service list --node {node.removeprefix(f'{CLUSTER}-')}{RESET}")
+    print(table(("ID", "Frontend", "Service Type", "Backend"), service_list_rows(mine), upper=False))
+    say(f"tiefighter through the ClusterIP {vip}: connections spread over both deathstars, on both nodes")
+    cmd = ["curl", "-s", "-m", "2", f"http://{vip}/v1/"]
+    print(
+        f"{DIM}$ for i in 1..6; do cilia endpoint exec default/tiefighter -- {shlex.join(cmd)}; done{RESET}"
+    )
+    for _ in range(6):
+        out = subprocess.run(d.in_pod("tiefighter", *cmd), capture_output=True, text=True)
+        print(out.stdout.strip() if out.returncode == 0 else f"(no answer: curl exit code {out.returncode})")
+    say("xwing through the ClusterIP: rule1 judges the backend it was sent to, and drops it")
+    print(f"{DIM}$ cilia endpoint exec default/xwing -- {shlex.join(cmd)}{RESET}")
+    out = subprocess.run(d.in_pod("xwing", *cmd), capture_output=True, text=True)
+    print(
+        out.stdout.strip()
+        if out.returncode == 0
+        else f"(no answer: curl exit code {out.returncode}, timed out)"
+    )
+
+    say(f"from outside the cluster: who has {lb_ip}? one elected node answers ARP")
+    outside, veth = f"{CLUSTER}-out", f"{CLUSTER}-vout"
+    out_ip = str(net.network_address + 240)
+    subprocess.run(["ip", "netns", "delete", outside], capture_output=True)
+    d.cleanup.append(["ip", "netns", "delete", outside])
+    d.cleanup.append(["ip", "link", "del", veth])
+    for c in (
+        ["ip", "netns", "add", outside],
+        ["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", outside],
+        ["ip", "link", "set", veth, "master", st.bridge, "up"],
+        ["ip", "-n", outside, "addr", "add", f"{out_ip}/{net.prefixlen}", "dev", "eth0"],
+        ["ip", "-n", outside, "link", "set", "eth0", "up"],
+        ["ip", "-n", outside, "link", "set", "lo", "up"],
+    ):
+        subprocess.run(c, check=True, capture_output=True)
+    macs = {}
+    for name, n in st.nodes.items():
+        link = subprocess.run(["ip", "-n", n.netns, "link", "show", "eth0"], capture_output=True, text=True)
+        m = re.search(r"link/ether ([0-9a-f:]{17})", link.stdout)
+        if m:
+            macs[m.group(1)] = name
+    arping = ["arping", "-c", "1", "-w", "1", "-I", "eth0", lb_ip]
+    print(f"{DIM}$ ip netns exec {outside} {shlex.join(arping)}{RESET}")
+    answer = ""
+    deadline = time.monotonic() + 10
+    while not answer and time.monotonic() < deadline:
+        got = subprocess.run(["ip", "netns", "exec", outside, *arping], capture_output=True, text=True)
+        answer = next((line for line in got.stdout.splitlines() if "from" in line and "bytes" in line), "")
+    if not answer:
+        raise CiliaError(f"no node answered ARP for {lb_ip}")
+    print(answer)
+    mac = re.search(r"from ([0-9a-f:]{17})", answer)
+    if mac and mac.group(1) in macs:
+        print(f"  {mac.group(1)} is the eth0 of {macs[mac.group(1)]}, the node elected for default/deathstar")
+    say("the world may land too: a policy for the `world` entity, then curl from outside to the LB IP")
+    d.apply(EXAMPLES / "policies" / "deathstar-from-world.yaml")
+    curl = ["curl", "-s", "-m", "2", f"http://{lb_ip}/v1/"]
+    print(f"{DIM}$ ip netns exec {outside} {shlex.join(curl)}{RESET}")
+    got = subprocess.run(["ip", "netns", "exec", outside, *curl], capture_output=True, text=True)
+    print(
+        got.stdout.strip()
+        if got.returncode == 0
+        else f"(no answer: curl exit code {got.returncode}, timed out)"
+    )
+    d.client.request(
+        "policy",
+        "DELETE",
+        "/v1/policies/CiliumNetworkPolicy/deathstar-from-world",
+        params={"namespace": "default"},
+    )
 
 
 def bookinfo(d: Demo) -> None:
@@ -345,22 +451,8 @@ def mediabot(d: Demo) -> None:
     st, n1 = d.state, d.state.nodes[d.nodes[0]]
     inet, veth = mediabot_inet(), f"{CLUSTER}-inet"  # named after the cluster: demos may run side by side
     say("mediabot: egress by DNS name (toFQDNs), through the node's transparent DNS proxy")
-    # The node's DNS proxy runs inside the node, like its datapath agent.
-    api = f"http://{n1.ip}:9104"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "CILIA_NATS_URL": st.nats_url,
-        "CILIA_TOKEN_FILE": str(st.creds_file),
-        "CILIA_NODE": n1.name,
-        "CILIA_STATE_DIR": str(st.dir / "nodes"),
-        "CILIA_HTTP_ADDR": f"{n1.ip}:9104",
-    }
-    log = (d.dir / "dnsproxy.log").open("wb")
-    argv = ["nsenter", f"--net=/run/netns/{n1.netns}", "--", sys.executable, "-m", "services.dnsproxy"]
-    d.procs.append(
-        subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    )
+    # The node's DNS proxy runs inside the node, beside its datapath agent (the cluster started it).
+    api = n1.dnsproxy_api
     client = Client({**d.client.urls, "dnsproxy": api, "datapath": n1.api}, d.client.token)
     # A stand-in for the internet: GitHub's addresses in a namespace on the underlay bridge.
     subprocess.run(["ip", "netns", "delete", inet], capture_output=True)

@@ -81,3 +81,33 @@ def get_cmd(client: Client, ref: str | None, namespace: str | None, output: str)
             click.echo("")
             rows = [(c["type"], c["status"], c.get("reason", ""), c.get("message", "")) for c in conditions]
             click.echo(table(("condition", "status", "reason", "message"), rows))
+
+
+def service_list_rows(items: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """ID, Frontend, Service Type, Backend: one row per backend, as `cilium-dbg service list` prints
+    (the first backend on the frontend's row, the others below it)."""
+    rows: list[tuple[str, ...]] = []
+    for fe in items:
+        backends = [
+            f"{i} => {b['address']} ({b.get('state', 'active')})" for i, b in enumerate(fe["backends"], 1)
+        ] or [""]
+        rows.append((str(fe["id"]), fe["frontend"], fe["type"], backends[0]))
+        rows.extend(("", "", "", b) for b in backends[1:])
+    return rows
+
+
+@service.command("list")
+@click.option("--node", default=None, help="The node whose datapath to ask (default: the local one).")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_obj
+def list_cmd(client: Client, node: str | None, output: str) -> None:
+    """The service frontends one node's datapath load-balances, with their backends, like
+    `cilium-dbg service list` (what `cilia bpf lb list` shows from the maps themselves)."""
+    from cilia.cli.cluster import node_client
+
+    reply = node_client(client, node).request("datapath", "GET", "/v1/services")
+    items = reply.get("items") or []
+    if output == "json":
+        click.echo(to_json(items))
+        return
+    click.echo(table(("ID", "Frontend", "Service Type", "Backend"), service_list_rows(items), upper=False))

@@ -8,6 +8,7 @@ VXLAN device; real nats-server; the cluster is built by the same code as `cilia 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import textwrap
 import time
@@ -500,3 +501,118 @@ def test_outside_traffic_to_a_load_balancer_ip_reaches_backends_on_every_node(
         )
     finally:
         cluster.store("services/default/deathstar", None)
+
+
+# --- each node's proxies (the cluster starts a DNS and an HTTP proxy beside every agent) ----------
+
+L7_RULE1 = (EXAMPLES / "policies" / "starwars-l7.yaml").read_text()
+
+MEDIABOT = textwrap.dedent(
+    """
+    apiVersion: cilium.io/v2
+    kind: CiliumNetworkPolicy
+    metadata: {name: mediabot}
+    spec:
+      endpointSelector: {matchLabels: {class: mediabot}}
+      egress:
+      - toEndpoints:
+        - matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}
+        toPorts:
+        - ports: [{port: "53", protocol: ANY}]
+          rules: {dns: [{matchPattern: "*.github.com"}]}
+      - toFQDNs: [{matchName: api.github.com}]
+        toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+    """
+)
+
+
+def test_every_node_runs_its_proxies_and_l7_and_dns_rules_hold_across_nodes(cluster: ClusterHarness) -> None:
+    nodes = cluster.nodes
+    status = cluster.cli("cluster", "status", "-o", "json")
+    assert status.returncode == 0, status.stderr
+    rows = {(r["node"], r["component"]): r for r in json.loads(status.stdout)["components"]}
+    for node in nodes:
+        for role in ("datapath", "dnsproxy", "l7proxy", "announcer"):
+            assert rows[(node, role)]["alive"] and rows[(node, role)]["ready"], rows.get((node, role))
+        assert len(cluster.status(node)["proxies"]) == 2  # both proxies registered with the node's agent
+    # HTTP: tiefighter on node1, deathstar on node3 (the rule is enforced by node3's proxy, on the
+    # identity the overlay carried), xwing on node2 dropped at L3/L4.
+    starwars(cluster)
+    cluster.serve("default/deathstar-1", "http", 8080)  # a second server, for the HTTP answers
+    cluster.apply(L7_RULE1.replace("'80'", "'8080'"))
+    url = f"http://{cluster.ip('default/deathstar-1')}:8080"
+
+    def http(ref: str, method: str, path: str) -> str:
+        out = cluster.exec(ref, "curl", "-s", "-m", "2", "-X", method, f"{url}{path}")
+        return out.stdout.strip() if out.returncode == 0 else f"FAILED ({out.returncode})"
+
+    landed = eventually(
+        lambda: http("default/tiefighter", "POST", "/v1/request-landing") == "Ship landed" or None,
+        what="tiefighter landing through node3's L7 proxy",
+    )
+    assert landed
+    assert http("default/tiefighter", "PUT", "/v1/exhaust-port") == "Access denied"
+    assert http("default/xwing", "POST", "/v1/request-landing") == "FAILED (28)"
+    flows = cluster.flows(nodes[2])
+    assert any(
+        f.get("l7", {}).get("http", {}).get("method") == "PUT" and f.get("verdict") == "DROPPED"
+        for f in flows
+    ), "node3's proxy reports the denied request"
+
+    # DNS: mediabot on node1 asks kube-dns on node2; node1's DNS proxy judges and opens the answer.
+    cluster.add(nodes[0], "mediabot", {"class": "mediabot"})
+    dns = cluster.add(nodes[1], "coredns", {"k8s-app": "kube-dns"}, namespace="kube-system")
+    cluster.internet = ClusterInternet(cluster)
+    cluster.internet.serve("tcp-echo", "198.51.100.10", 443)
+    cluster.internet.serve("tcp-echo", "198.51.100.11", 443)
+    zone = Path(cluster.state.state_dir) / "github.zone"
+    zone.write_text("api.github.com. 30 IN A 198.51.100.10\nsupport.github.com. 30 IN A 198.51.100.11\n")
+    resolver = [str(VENV_BIN / "python"), "-m", "dnslib.zoneresolver", "--zone", str(zone)]
+    cluster.spawn("kube-system/coredns", *resolver, "--address", dns["ip"], "--log=-request,-reply")
+    eventually(lambda: ":53 " in cluster.exec("kube-system/coredns", "ss", "-H", "-lun").stdout, what="dns")
+    cluster.apply(MEDIABOT)
+
+    def dig(name: str) -> str:
+        out = cluster.exec(
+            "default/mediabot", "dig", "+short", "+tries=1", "+timeout=2", f"@{dns['ip']}", name
+        )
+        return out.stdout.strip()
+
+    assert not cluster.probe("default/mediabot", "198.51.100.10", 443)
+    assert dig("api.github.com") == "198.51.100.10"
+    assert cluster.probe("default/mediabot", "198.51.100.10", 443)  # opened before the answer came
+    assert dig("support.github.com") == "198.51.100.11"
+    assert not cluster.probe("default/mediabot", "198.51.100.11", 443)  # not selected by toFQDNs
+    refused = cluster.exec("default/mediabot", "dig", "+tries=1", "+timeout=2", f"@{dns['ip']}", "cnn.com")
+    assert "status: REFUSED" in refused.stdout
+
+
+def test_cluster_up_sweeps_what_a_killed_cluster_left_but_never_a_live_one() -> None:
+    from cilia.cluster import sweep_leftovers
+
+    name = f"sw{os.getpid() % 100000}"
+    made = [["ip", "netns", "add", f"{name}-node1"], ["ip", "link", "add", f"{name}-br", "type", "bridge"]]
+    try:
+        for cmd in made:
+            subprocess.run(cmd, check=True, capture_output=True)
+        # A process still runs in one of its namespaces: a live cluster, left alone.
+        sleeper = subprocess.Popen(["ip", "netns", "exec", f"{name}-node1", "sleep", "30"])
+        try:
+            eventually(
+                lambda: subprocess.run(
+                    ["ip", "netns", "pids", f"{name}-node1"], capture_output=True, text=True
+                ).stdout.strip(),
+                what="the sleeper in the namespace",
+            )
+            assert sweep_leftovers(name) is False
+            assert f"{name}-node1" in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        # Nothing runs any more: its namespace and bridge go.
+        assert sweep_leftovers(name) is True
+        assert f"{name}-node1" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+        assert subprocess.run(["ip", "link", "show", f"{name}-br"], capture_output=True).returncode != 0
+    finally:
+        subprocess.run(["ip", "netns", "delete", f"{name}-node1"], capture_output=True)
+        subprocess.run(["ip", "link", "del", f"{name}-br"], capture_output=True)

@@ -15,6 +15,7 @@ import textwrap
 from typing import Any
 
 from conftest import VENV_BIN, Node, eventually
+from test_datapath_endpoints import cilia
 
 from cilia.kvstore import connect
 
@@ -110,6 +111,17 @@ def test_a_cluster_ip_spreads_connections_and_a_deleted_backend_gets_none(node: 
     assert f"{VIP}:80/TCP" in listing.stdout and "[ClusterIP]" in listing.stdout
     for ref in ("default/deathstar-1", "default/deathstar-2"):
         assert f"{node.ip(ref)}:80/TCP" in listing.stdout
+    # `cilia service list`, like `cilium-dbg service list`: the frontend's row carries the first
+    # backend, the second one follows on its own row.
+    svc = cilia(node, "service", "list")
+    assert svc.returncode == 0, svc.stderr
+    lines = svc.stdout.splitlines()
+    assert lines[0].split() == ["ID", "Frontend", "Service", "Type", "Backend"]
+    row = next(i for i, line in enumerate(lines) if f"{VIP}:80/TCP" in line)
+    assert lines[row].split()[1:4] == [f"{VIP}:80/TCP", "ClusterIP", "1"]
+    assert lines[row].endswith("(active)") and lines[row + 1].strip().startswith("2 => ")
+    backends = {lines[row].split()[5], lines[row + 1].split()[2]}
+    assert backends == {f"{node.ip(ref)}:80/TCP" for ref in ("default/deathstar-1", "default/deathstar-2")}
     answers = collections.Counter(curl(node, "default/tiefighter", f"http://{VIP}/v1/") for _ in range(30))
     assert set(answers) == {"deathstar-1 /v1/", "deathstar-2 /v1/"}, answers
     status, _ = node.api("DELETE", "/v1/endpoints/default/deathstar-2")
