@@ -278,6 +278,9 @@ class ClusterInternet:
         run("link", "set", self.veth, "up")
         for n in st.nodes.values():
             run("-n", self.netns, "route", "add", n.pod_cidr, "via", n.ip)
+            # An earlier internet of this cluster had the same address and another MAC: a node that
+            # still has it in its neighbour table would send there for half a minute.
+            run("-n", n.netns, "neigh", "flush", "to", self.ip, check=False)
 
     def address(self, addr: str) -> None:
         if addr in self.addresses:
