@@ -214,17 +214,27 @@ class DNSProxy:
             self.tasks.append(asyncio.create_task(coro))
         log.info("event=listening port=%d protocols=udp,tcp mode=tproxy", self.cfg.port)
 
-    async def stop(self) -> None:
+    async def stop(self, drain_seconds: float = 2.0) -> None:
+        """Hand the port over, then finish what was asked: take the queries already queued on the
+        UDP socket, close the listeners (the kernel sends new queries to a proxy started beside
+        this one, SO_REUSEPORT, or the redirect fails closed until one binds), and let the queries
+        in flight get their answers (bounded) while the link to the agent still runs."""
+        if self.udp is not None and self.loop is not None:
+            self.loop.remove_reader(self.udp.fileno())
+            for _ in range(64):  # each call takes up to 64 datagrams; fewer: the queue is empty
+                if self._udp_readable() < 64:
+                    break
+            self.udp.close()
+            self.udp = None
+        if self.tcp is not None:
+            self.tcp.close()
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=drain_seconds)
         for t in self.tasks:
             t.cancel()
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        if self.udp is not None and self.loop is not None:
-            self.loop.remove_reader(self.udp.fileno())
-            self.udp.close()
-        if self.tcp is not None:
-            self.tcp.close()
         for s in self.reply_sockets.values():
             s.close()
         self.link.close()
@@ -294,16 +304,17 @@ class DNSProxy:
 
     # --- UDP -------------------------------------------------------------------------------
 
-    def _udp_readable(self) -> None:
+    def _udp_readable(self) -> int:
+        """Take up to 64 queued datagrams; returns how many it took."""
         assert self.udp is not None
-        for _ in range(64):
+        for taken in range(64):
             try:
                 data, anc, _flags, client = self.udp.recvmsg(wire.MAX_MESSAGE, 64)
             except (BlockingIOError, InterruptedError):
-                return
+                return taken
             except OSError as err:
                 log.warning("event=udp-recv-failed error=%r", str(err))
-                return
+                return taken
             orig = None
             for level, kind, value in anc:
                 if level == SOL_IP and kind == IP_RECVORIGDSTADDR and len(value) >= 8:
@@ -318,6 +329,7 @@ class DNSProxy:
                 self.metrics.malformed.labels("client", err.reason).inc()
                 continue
             self._spawn(self._udp_query(query, client, orig))
+        return 64
 
     async def _udp_query(self, query: wire.Query, client: tuple[str, int], orig: tuple[str, int]) -> None:
         answer = await self.handle(query, client, orig, "UDP")
