@@ -604,8 +604,28 @@ class Agent:
         """Service frontends and their backends (the endpoints their selectors pick, cluster-wide)."""
         if self.lb is None:
             return 0
-        wanted = lb.frontends(self.services.values(), self.workloads(), self.node)
-        return self.lb.write(wanted)
+        workloads = list(self.workloads())
+        wanted = lb.frontends(self.services.values(), workloads, self.node)
+        return self.lb.write(wanted, {str(w.ip) for w in workloads if w.ip is not None})
+
+    async def gc_lb_backends(self) -> int:
+        """Let terminating backends go once no open connection made through a frontend uses them."""
+        if self.lb is None or not self.lb.terminating or self.maps is None:
+            return 0
+        m = self.maps
+
+        def in_use() -> set[tuple[str, int, int]]:
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            used: set[tuple[str, int, int]] = set()
+            for key, entry in m.ct_items():
+                if entry.nat_flags & maps.CT_NAT_SERVICE and ct_alive(entry, int(key.proto), now):
+                    _src, dst, _sport, dport, proto = maps.ct_tuple(key)
+                    used.add((dst, dport, proto))
+            return used
+
+        used = await asyncio.to_thread(in_use)
+        async with self.lock:
+            return self.lb.gc(used, time.monotonic())
 
     async def set_services(self, docs: Iterable[Mapping[str, Any]]) -> None:
         """Every Service of the cluster (from the kvstore): write the load-balancing maps."""

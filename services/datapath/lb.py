@@ -9,6 +9,7 @@ agent restart and connections keep their backends).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ log = logging.getLogger("cilia.datapath.lb")
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 PROTO_NAMES = {v: k for k, v in PROTOCOLS.items()}
 DEFAULT_AFFINITY_TIMEOUT = 10800  # Kubernetes' default for sessionAffinity: ClientIP
+TERMINATING_MAX_SECONDS = 3600.0  # a terminating backend goes after this even with connections open
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class LBWriter:
             if slot == 0:
                 self.rev_nat[(addr, port, proto)] = int(v.rev_nat_id)
         self.frontends: list[Frontend] = []
+        # Backends no slot points at any more whose pod still exists (it left the selector): they
+        # get no new connection, but keep their entry while connections through them are open
+        # (see `gc`), as Cilium keeps terminating backends. key -> when it stopped being wanted.
+        self.terminating: dict[BackendKey, float] = {}
 
     @staticmethod
     def _next_id(used: set[int], after: int, limit: int) -> int:
@@ -203,10 +209,13 @@ class LBWriter:
                 return i
         raise RuntimeError("no free load-balancer id")
 
-    def write(self, wanted: list[Frontend]) -> int:
-        """Make the maps hold exactly `wanted`; returns the number of entries changed."""
+    def write(self, wanted: list[Frontend], pods: set[str] | None = None) -> int:
+        """Make the maps hold exactly `wanted`; returns the number of entries changed. A backend no
+        longer wanted whose address is still a pod's (`pods`) becomes terminating instead of going."""
         changes = 0
         needed = {(b.address, b.port, b.protocol) for fe in wanted for b in fe.backends}
+        for key in needed & set(self.terminating):
+            del self.terminating[key]
         used = set(self.backend_ids.values())
         bid = max(used, default=0)
         for key in sorted(needed - set(self.backend_ids)):
@@ -261,11 +270,30 @@ class LBWriter:
             self.maps.lb_service_delete(*slot_key)
             del self.written[slot_key]
             changes += 1
+        now = time.monotonic()
         for key in sorted(set(self.backend_ids) - needed):
+            if pods is not None and key[0] in pods:
+                self.terminating.setdefault(key, now)
+                continue
+            self.terminating.pop(key, None)
             self.maps.lb_backend_delete(self.backend_ids.pop(key))
             changes += 1
         self.frontends = wanted
         return changes
+
+    def gc(self, in_use: set[BackendKey], now: float, max_age: float = TERMINATING_MAX_SECONDS) -> int:
+        """Delete the terminating backends no open connection uses any more (`in_use`: the
+        backends of live conntrack entries made through a frontend), or kept longer than `max_age`."""
+        removed = 0
+        for key, since in list(self.terminating.items()):
+            if key in in_use and now - since < max_age:
+                continue
+            del self.terminating[key]
+            bid = self.backend_ids.pop(key, None)
+            if bid is not None:
+                self.maps.lb_backend_delete(bid)
+                removed += 1
+        return removed
 
 
 def _value_tuple(v: maps.LBServiceC) -> tuple[int, ...]:

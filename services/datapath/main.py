@@ -349,6 +349,9 @@ def build(settings: DatapathSettings | None = None) -> Service:
                 removed = await asyncio.to_thread(gc_conntrack, agent.maps)
                 if removed:
                     log.info("event=ct-gc removed=%d", removed)
+                gone = await agent.gc_lb_backends()
+                if gone:
+                    log.info("event=lb-backends-gc removed=%d (terminating, no connection left)", gone)
 
     return service
 

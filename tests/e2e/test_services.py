@@ -192,3 +192,72 @@ def test_a_pod_reaches_itself_through_its_service(node: Node) -> None:
     store(node, service("solo", "10.96.0.40", {"app": "solo"}, [{"port": 80}]), "solo")
     wait_backends(node, "10.96.0.40:80/TCP", 1)
     assert curl(node, "default/solo", "http://10.96.0.40/self") == "solo /self"
+
+
+HOLD = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("connected", flush=True)
+for line in sys.stdin:
+    s.sendall(line.encode())
+    print(s.recv(100).decode().strip(), flush=True)
+"""
+
+
+def test_a_backend_leaving_the_selector_gets_no_new_connection_and_keeps_its_open_ones(node: Node) -> None:
+    for i in (1, 2):
+        ref = f"default/deathstar-{i}"
+        node.add(f"deathstar-{i}", {"class": "deathstar", "unit": str(i)})
+        serve_named(node, ref)
+        node.serve(ref, "tcp-echo", 7)
+    node.add("tiefighter", {"class": "tiefighter"})
+    ports = [{"name": "http", "port": 80}, {"name": "echo", "port": 7}]
+    store(node, service("deathstar", VIP, {"class": "deathstar"}, ports), "deathstar")
+    wait_backends(node, f"{VIP}:7/TCP", 2)
+    # Connections held open through the frontend, until both backends have one.
+    held: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for _ in range(20):
+            before = {ref: established(node, ref) for ref in ("default/deathstar-1", "default/deathstar-2")}
+            proc = subprocess.Popen(
+                node.argv("default/tiefighter", str(VENV_BIN / "python"), "-c", HOLD, VIP, "7"),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            assert proc.stdout.readline().strip() == "connected"
+            proc.stdin.write("ping\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "ping"
+            # The backend that took it: the one with one more established connection on port 7.
+            ref = next(r for r in before if established(node, r) > before[r])
+            if ref in held:
+                proc.kill()
+                proc.wait()
+                continue
+            held[ref] = proc
+            if len(held) == 2:
+                break
+        assert len(held) == 2, "20 connections all went to one backend"
+        # deathstar-2 leaves the selector (its pod stays): new connections all go to deathstar-1 ...
+        store(node, service("deathstar", VIP, {"class": "deathstar", "unit": "1"}, ports), "deathstar")
+        wait_backends(node, f"{VIP}:7/TCP", 1)
+        answers = [curl(node, "default/tiefighter", f"http://{VIP}/v1/") for _ in range(12)]
+        assert answers == ["deathstar-1 /v1/"] * 12
+        # ... and the connection it holds goes on (its backend entry stays while the connection lives).
+        for ref, proc in held.items():
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(f"still {ref}\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == f"still {ref}"
+    finally:
+        for proc in held.values():
+            proc.kill()
+            proc.wait()
+        store(node, None, "deathstar")
+
+
+def established(node: Node, ref: str) -> int:
+    out = node.exec(ref, "ss", "-H", "-tn", "state", "established", "( sport = :7 )").stdout
+    return len([line for line in out.splitlines() if line.strip()])
