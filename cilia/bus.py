@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -67,6 +68,9 @@ BUCKETS = (
 M = TypeVar("M", bound=BaseModel)
 
 
+ERROR_LOG_INTERVAL = 30.0
+
+
 class BusError(CiliaError):
     """A request over NATS failed: nobody answered, it timed out, or the answer was an error."""
 
@@ -74,6 +78,13 @@ class BusError(CiliaError):
 class ErrorReply(BaseModel):
     error: str
     field: str | None = None
+
+
+class _ErrorLog:
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = -ERROR_LOG_INTERVAL
+        self.text = ""
 
 
 async def connect(
@@ -85,14 +96,32 @@ async def connect(
 ) -> NATS:
     """Connect to NATS, reconnecting forever in the background after an outage."""
 
+    # The client retries every 0.5 s while NATS is away (also before the first connection): say so
+    # once, then at most every ERROR_LOG_INTERVAL with a count, not twice a second for the outage.
+    errors = _ErrorLog()
+
     async def _disconnected() -> None:
         log.warning("event=nats-disconnected url=%s", url)
 
     async def _reconnected() -> None:
+        if errors.count:
+            log.info("event=nats-errors-while-away count=%d last=%s", errors.count, errors.text)
+        errors.count, errors.last = 0, -ERROR_LOG_INTERVAL
         log.info("event=nats-reconnected url=%s", url)
 
     async def _error(err: Exception) -> None:
-        log.warning("event=nats-error error=%s", err)
+        now = time.monotonic()
+        errors.count += 1
+        errors.text = str(err)
+        if now - errors.last >= ERROR_LOG_INTERVAL:
+            log.warning(
+                "event=nats-error url=%s error=%s repeated=%d (retrying every 0.5 s; logged every %.0f s)",
+                url,
+                err,
+                errors.count,
+                ERROR_LOG_INTERVAL,
+            )
+            errors.count, errors.last = 0, now
 
     return await nats.connect(
         url,

@@ -33,6 +33,7 @@ from services.dnsproxy.agentlink import AgentConnection, AgentError, AgentLink, 
 from services.dnsproxy.cache import FQDNCache, Pair
 from services.dnsproxy.metrics import Metrics
 from services.dnsproxy.policy import DNSPolicy, FQDNSelectors
+from services.dnsproxy.upstream import UpstreamPool
 
 log = logging.getLogger("cilia.dnsproxy")
 
@@ -168,6 +169,7 @@ class DNSProxy:
         self.fetching: dict[tuple[str, str], asyncio.Future[DNSPolicy | None]] = {}
         self.selectors = FQDNSelectors()
         self.flows = FlowShipper(self.link.flows, metrics, cfg.flow_queue)
+        self.upstreams = UpstreamPool(lambda reason: self.metrics.malformed.labels("server", reason).inc())
         self.updates = FQDNUpdates(self.link.fqdn, self.cache, metrics)
         self.updates.changed = self._ips_changed
         self.reply_sockets: dict[tuple[str, int], socket.socket] = {}
@@ -235,6 +237,7 @@ class DNSProxy:
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        self.upstreams.close()
         for s in self.reply_sockets.values():
             s.close()
         self.link.close()
@@ -497,28 +500,8 @@ class DNSProxy:
         loop = asyncio.get_running_loop()
         mark = from_proxy_mark(identity)
         if proto == "UDP":
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-                sock.setblocking(False)
-                sock.connect(orig)
-                sock.send(out)
-                async with asyncio.timeout(self.cfg.upstream_timeout):
-                    while True:
-                        data = await loop.sock_recv(sock, wire.MAX_MESSAGE)
-                        try:
-                            msg = wire.parse_message(data)
-                        except wire.Malformed as err:
-                            self.metrics.malformed.labels("server", err.reason).inc()
-                            continue
-                        if (
-                            msg.id == upstream_id
-                            and msg.is_response
-                            and wire.same_question(msg, query.question)
-                        ):
-                            return data, msg
-            finally:
-                sock.close()
+            # A socket shared by this identity's queries to this server (services/dnsproxy/upstream.py).
+            return await self.upstreams.ask(query, orig, mark, self.cfg.upstream_timeout)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -577,6 +560,7 @@ class DNSProxy:
         while True:
             await asyncio.sleep(self.cfg.gc_interval)
             try:
+                self.upstreams.collect()
                 await self.collect()
             except (AgentUnavailable, AgentError) as err:
                 log.debug("event=gc-deferred error=%r", str(err))
