@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,10 +82,25 @@ class QueryLoop:
         ]
         self.proc = subprocess.Popen(node.argv(pod, *argv), stdout=subprocess.PIPE, text=True)
         self.started = time.monotonic()
+        self.lines: list[dict[str, Any]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip():
+                self.lines.append(json.loads(line))
+
+    def wait_queries(self, count: int, what: str) -> None:
+        """Until the loop has made `count` more queries: traffic all through the phase at hand."""
+        target = len(self.lines) + count
+        eventually(lambda: len(self.lines) >= target, 20, f"{count} queries {what}")
 
     def results(self) -> list[dict[str, Any]]:
-        out, _ = self.proc.communicate(timeout=120)
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
+        self.proc.wait(timeout=120)
+        self.reader.join(10)
+        return list(self.lines)
 
 
 def check(results: list[dict[str, Any]]) -> None:
@@ -103,20 +119,20 @@ def test_restarting_the_dns_proxy_interrupts_no_query(
     node.apply(POLICY)
     assert world.dig("default/mediabot", "api.github.com").ips == ["198.51.100.10"]
     loop = QueryLoop(node, world, "default/mediabot", 14)
-    time.sleep(2)
+    loop.wait_queries(15, "before the restarts")
     # A rolling restart: the new process binds beside the old (SO_REUSEPORT) and registers the
     # same port; the old one leaves. Not one query waits for a retry.
     second = dnsproxy.spawn_second()
     second.start()
     t_rolling = time.monotonic()
     dnsproxy.stop()
-    time.sleep(2)
+    loop.wait_queries(15, "after the rolling restart")
     t_rolled = time.monotonic()
     # A stop-and-start, then a crash: the redirect fails closed for the restart's length, dig's
     # second try (1 s later) gets through.
     second.stop()
     dnsproxy.start()
-    time.sleep(2)
+    loop.wait_queries(10, "after the stop-and-start")
     dnsproxy.kill()
     dnsproxy.start()
     results = loop.results()
@@ -136,9 +152,9 @@ def test_restarting_the_datapath_agent_interrupts_no_query_and_no_connection(
     node.apply(POLICY)
     assert world.dig("default/mediabot", "api.github.com").ips == ["198.51.100.10"]
     loop = QueryLoop(node, world, "default/mediabot", 12)
-    time.sleep(1.5)
+    loop.wait_queries(10, "before the agent stops")
     node.agent.stop()
-    time.sleep(1.0)  # the agent is away: the proxy answers from the rules it has
+    loop.wait_queries(8, "while the agent is away")  # the proxy answers from the rules it has
     node.agent.start(timeout=60)
     eventually(lambda: node.status().get("policies_synced"), 20, "the agent's first policy snapshot")
     eventually(dnsproxy.registered, 10, "the proxy registered again")

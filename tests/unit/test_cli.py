@@ -135,8 +135,7 @@ def test_every_command_has_help(command: tuple[str, ...]):
 
 
 def test_help_via_installed_entry_point():
-    if not CILIA.exists():
-        pytest.skip("cilia entry point not installed next to the interpreter")
+    assert CILIA.exists(), "the cilia entry point is not installed next to the interpreter (make bootstrap)"
     proc = subprocess.run([str(CILIA), "policy", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "validate" in proc.stdout and "matrix" in proc.stdout
@@ -165,8 +164,7 @@ def test_validate_invalid_file_prints_one_error_line_per_error(tmp_path: Path):
 
 
 def test_validate_invalid_file_via_subprocess(tmp_path: Path):
-    if not CILIA.exists():
-        pytest.skip("cilia entry point not installed next to the interpreter")
+    assert CILIA.exists(), "the cilia entry point is not installed next to the interpreter (make bootstrap)"
     path = write(tmp_path, "bad.yaml", INVALID_POLICIES)
     proc = subprocess.run(
         [str(CILIA), "policy", "validate", "-f", path], capture_output=True, text=True, timeout=60
