@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -163,6 +165,7 @@ http {{ access_log off; keepalive_timeout 0;
                     ["taskset", "-c", "1", *self.pod(self.server, argv)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    start_new_session=True,  # a group of its own: nginx's worker goes with its master
                 )
             )
         deadline = time.monotonic() + 15
@@ -252,7 +255,8 @@ http {{ access_log off; keepalive_timeout 0;
 
     async def teardown(self) -> None:
         for p in self.servers:
-            p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         if self.agent is not None:
             for rec in self.agent.endpoints():
