@@ -495,13 +495,13 @@ class DNSProxy:
         self, query: wire.Query, orig: tuple[str, int], identity: int, proto: str
     ) -> tuple[bytes, wire.Message]:
         """Ask the original server, from a socket marked with the pod's identity."""
-        upstream_id = random.getrandbits(16)
-        out = wire.with_id(query.raw, upstream_id)
-        loop = asyncio.get_running_loop()
         mark = from_proxy_mark(identity)
         if proto == "UDP":
             # A socket shared by this identity's queries to this server (services/dnsproxy/upstream.py).
             return await self.upstreams.ask(query, orig, mark, self.cfg.upstream_timeout)
+        upstream_id = random.getrandbits(16)
+        out = wire.with_id(query.raw, upstream_id)
+        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
